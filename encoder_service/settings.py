@@ -58,6 +58,20 @@ class Settings(BaseSettings):
             "of the key, so config never holds a usable key."
         ),
     )
+    api_version_cache_ttl: float = Field(
+        default=1.0,
+        ge=0,
+        description=(
+            "Seconds each API process reuses the registry's active version and manifests "
+            "instead of reading them per request; a promotion shows after at most this long."
+        ),
+    )
+    retry_after_seconds: int = Field(
+        default=1, ge=0, description="`Retry-After` sent with a 503 while Redis is unreachable."
+    )
+    api_access_log: bool = Field(
+        default=False, description="Log every request (costs a noticeable share of throughput)."
+    )
 
 
 @lru_cache(maxsize=1)

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@\-]{0,127}$")
-"""User and item ids: 1-128 characters, no braces or spaces, so they are safe inside Redis hash tags."""
+"""User and item ids: 1-128 characters without braces or spaces, safe inside Redis hash tags."""
 
 MIN_TIMESTAMP = 0.0
 MAX_TIMESTAMP = 4_102_444_800.0  # 2100-01-01T00:00:00Z
@@ -99,7 +100,7 @@ def parse_timestamp(value: Any, field: str = "timestamp") -> float:
                     f"{text[:40]!r} is neither unix seconds nor an ISO-8601 time", field=field
                 ) from None
             if parsed.tzinfo is None:
-                parsed = parsed.replace(tzinfo=timezone.utc)
+                parsed = parsed.replace(tzinfo=UTC)
             seconds = parsed.timestamp()
     if not math.isfinite(seconds) or not MIN_TIMESTAMP <= seconds < MAX_TIMESTAMP:
         raise ContractError(

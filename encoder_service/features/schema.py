@@ -206,9 +206,7 @@ def _layout(schema: FeatureSchema) -> list[Group]:
     groups.append(
         Group("activity", (segment("activity", SegmentKind.DENSE, activity_width(schema)),))
     )
-    groups.append(
-        Group("rhythm", (segment("heatmap", SegmentKind.DISTRIBUTION, HEATMAP_CELLS),))
-    )
+    groups.append(Group("rhythm", (segment("heatmap", SegmentKind.DISTRIBUTION, HEATMAP_CELLS),)))
     context_segments: list[Segment] = []
     if len(schema.event_types) > 1:
         context_segments.append(
@@ -233,5 +231,5 @@ def _layout(schema: FeatureSchema) -> list[Group]:
 
 
 def activity_width(schema: FeatureSchema) -> int:
-    """log1p count, log1p decayed mass per half-life, log1p span, log1p mean gap, weight mean/std."""
+    """log1p count, log1p mass per half-life, log1p span and mean gap, weight mean and std."""
     return 1 + len(schema.half_lives_days) + 2 + 2

@@ -1,0 +1,39 @@
+# Two entry points: `make demo` runs the main job, `make test` runs the test suite.
+# Each creates .venv and installs what it needs on first use.
+#
+# TORCH_SPEC picks the torch build installed before the project (training needs it):
+#   make test                               # the normal torch release from PyPI
+#   make test TORCH_SPEC=torch==2.13.0      # a pinned build, e.g. a CPU wheel on local disk
+#   make test TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e '.[train,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/encoder-service demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check encoder_service tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/stage1_bench.py --json benchmarks/results/stage1.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,259 @@
+"""The ``encoder-service`` command line.
+
+Training modules import torch, so they are imported inside the commands that need them: ``serve``
+and the read-only commands start without torch installed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from encoder_service.data.contract import ContractError
+from encoder_service.settings import Settings, get_settings
+
+app = typer.Typer(
+    help="Learn one dense embedding per user, publish it to Redis, serve and refresh it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+versions_app = typer.Typer(help="Inspect and manage published model versions.", no_args_is_help=True)
+app.add_typer(versions_app, name="versions")
+
+log = logging.getLogger("encoder_service")
+
+EventsOpt = Annotated[Path | None, typer.Option(help="Events table (CSV or Parquet).")]
+UsersOpt = Annotated[Path | None, typer.Option(help="Users table with profile fields.")]
+ItemsOpt = Annotated[Path | None, typer.Option(help="Items table with categories/vectors.")]
+MovielensOpt = Annotated[
+    Path | None, typer.Option(help="A MovieLens 100K or 1M folder (converted on the fly).")
+]
+CiaoOpt = Annotated[Path | None, typer.Option(help="A Ciao folder (converted on the fly).")]
+SyntheticOpt = Annotated[int | None, typer.Option(help="Generate this many synthetic users.")]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code=2)
+
+
+@app.callback()
+def main(
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@app.command()
+def demo(
+    users: Annotated[int, typer.Option(help="Synthetic users to generate.")] = 5000,
+    version: Annotated[str, typer.Option(help="Version id to publish as.")] = "v1",
+    epochs: Annotated[int, typer.Option(help="Training epochs (early stopping applies).")] = 15,
+) -> None:
+    """Generate data, train, export to ONNX and publish v1 to the embedded (or REDIS_URL) store."""
+    settings = get_settings()
+    _train_and_publish(
+        settings,
+        source={"synthetic": users},
+        version=version,
+        epochs=epochs,
+        exclude_profile=[],
+        publish=True,
+        activate=None,
+    )
+
+
+@app.command()
+def train(
+    events: EventsOpt = None,
+    users: UsersOpt = None,
+    items: ItemsOpt = None,
+    movielens: MovielensOpt = None,
+    ciao: CiaoOpt = None,
+    synthetic: SyntheticOpt = None,
+    version: Annotated[str, typer.Option(help="Version id of the new model.")] = "v1",
+    epochs: Annotated[int, typer.Option(help="Most training epochs.")] = 30,
+    exclude_profile: Annotated[
+        list[str] | None,
+        typer.Option(help="Profile field to leave out of the features (repeatable), e.g. a label."),
+    ] = None,
+    publish: Annotated[bool, typer.Option(help="Publish the training snapshot to Redis.")] = True,
+    activate: Annotated[
+        bool | None, typer.Option(help="Make it the active version (default: if none is).")
+    ] = None,
+) -> None:
+    """Train the autoencoder on a data set, export it to ONNX and (by default) publish it."""
+    _train_and_publish(
+        get_settings(),
+        source={
+            "events": events,
+            "users": users,
+            "items": items,
+            "movielens": movielens,
+            "ciao": ciao,
+            "synthetic": synthetic,
+        },
+        version=version,
+        epochs=epochs,
+        exclude_profile=exclude_profile or [],
+        publish=publish,
+        activate=activate,
+    )
+
+
+def _train_and_publish(
+    settings: Settings,
+    *,
+    source: dict[str, object],
+    version: str,
+    epochs: int,
+    exclude_profile: list[str],
+    publish: bool,
+    activate: bool | None,
+) -> None:
+    try:
+        from encoder_service.data.sources import SourceError, load_source
+        from encoder_service.training.pipeline import train_version
+        from encoder_service.training.train import TrainConfig
+    except ImportError as exc:
+        raise _fail(
+            f"training needs the 'train' extra ({exc.name} is missing): "
+            "pip install 'encoder-service[train]'"
+        ) from exc
+    try:
+        dataset = load_source(seed=settings.seed, **source)  # type: ignore[arg-type]
+    except (ContractError, SourceError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from exc
+    for warning in dataset.warnings:
+        log.warning("%s", warning)
+    typer.echo(
+        f"data {dataset.name}: {len(dataset.users)} users, {len(dataset.events)} events, "
+        f"{len(dataset.items)} items"
+    )
+    config = TrainConfig(embedding_dim=settings.embedding_dim, epochs=epochs, seed=settings.seed)
+    trained = train_version(
+        dataset,
+        version=version,
+        out_dir=settings.home / "models",
+        config=config,
+        exclude_profile=exclude_profile,
+    )
+    metrics = trained.manifest["metrics"]
+    typer.echo(
+        f"trained {version}: val loss {metrics['val_loss']:.4f}, ONNX parity "
+        f"{metrics['onnx_parity_max_abs_diff']:.2e}; model in {trained.folder}"
+    )
+    if not publish:
+        return
+    from encoder_service.publish import publish_version
+    from encoder_service.redis_connection import resolve_redis_url, sync_client
+
+    with resolve_redis_url(settings) as url:
+        client = sync_client(url)
+        report = publish_version(
+            client,
+            trained.artifacts(),
+            trained.user_ids,
+            trained.states,
+            activate=activate,
+            batch_size=settings.publish_batch_size,
+        )
+        sample = trained.user_ids[0]
+        typer.echo(
+            f"published {report.users} users as {report.version} into {url} "
+            f"({report.users_per_second:,.0f} users/s); active version: {report.active}\n"
+            f"read one:  encoder-service get {sample} --version {report.version}\n"
+            f"serve:     encoder-service serve   then   "
+            f"curl localhost:{settings.api_port}/v1/users/{sample}/embedding"
+        )
+
+
+@app.command("publish")
+def publish_command(
+    model_dir: Annotated[Path, typer.Argument(help="A trained version folder (manifest.json).")],
+    activate: Annotated[
+        bool | None, typer.Option(help="Make it the active version (default: if none is).")
+    ] = None,
+) -> None:
+    """Publish a trained version for every user whose feature state is live in Redis."""
+    from encoder_service.encoder import ModelArtifacts
+    from encoder_service.publish import publish_from_live_states
+    from encoder_service.redis_connection import resolve_redis_url, sync_client
+
+    settings = get_settings()
+    try:
+        artifacts = ModelArtifacts.from_folder(model_dir)
+    except FileNotFoundError as exc:
+        raise _fail(f"{model_dir} is not a model version folder: {exc.filename} missing") from exc
+    with resolve_redis_url(settings) as url:
+        report = publish_from_live_states(
+            sync_client(url), artifacts, activate=activate, batch_size=settings.publish_batch_size
+        )
+    typer.echo(f"published {report.users} users as {report.version}; active: {report.active}")
+
+
+@app.command()
+def get(
+    user_id: Annotated[str, typer.Argument(help="The user whose embedding to print.")],
+    version: Annotated[str | None, typer.Option(help="Version; default the active one.")] = None,
+) -> None:
+    """Print one user's embedding straight from Redis (no API needed)."""
+    from encoder_service.redis_connection import resolve_redis_url, sync_client
+    from encoder_service.registry import Registry
+    from encoder_service.store import EmbeddingStore, decode_embedding
+
+    settings = get_settings()
+    with resolve_redis_url(settings) as url:
+        client = sync_client(url)
+        registry = Registry(client)
+        chosen = version or registry.active()
+        manifest = registry.get(chosen) if chosen else None
+        if manifest is None:
+            raise _fail(f"no such version: {chosen!r}" if chosen else "no active version")
+        (raw,) = EmbeddingStore(client).read_embeddings(chosen, [user_id])
+    if raw is None:
+        raise _fail(f"user {user_id!r} has no embedding in version {chosen!r}")
+    vector, updated_at = decode_embedding(raw, manifest["embedding_dim"], manifest["dtype"])
+    typer.echo(
+        f"user {user_id} version {chosen} dim {len(vector)} updated_at {updated_at:.0f}\n"
+        + np.array2string(vector, precision=4, max_line_width=100)
+    )
+
+
+@versions_app.command("list")
+def versions_list() -> None:
+    """List published versions with their status."""
+    from encoder_service.redis_connection import resolve_redis_url, sync_client
+    from encoder_service.registry import Registry
+
+    with resolve_redis_url(get_settings()) as url:
+        registry = Registry(sync_client(url))
+        manifests = registry.list()
+        active = registry.active()
+    for m in manifests:
+        marker = "*" if m["version"] == active else " "
+        typer.echo(
+            f"{marker} {m['version']:<12} {m['status']:<10} dim={m['embedding_dim']:<4} "
+            f"{m['schema_hash'][:19]}  {m['created_at']}"
+        )
+
+
+@versions_app.command("show")
+def versions_show(version: Annotated[str, typer.Argument(help="Version id.")]) -> None:
+    """Print one version's manifest as JSON."""
+    import json
+
+    from encoder_service.redis_connection import resolve_redis_url, sync_client
+    from encoder_service.registry import Registry
+
+    with resolve_redis_url(get_settings()) as url:
+        manifest = Registry(sync_client(url)).get(version)
+    if manifest is None:
+        raise _fail(f"no such version: {version!r}")
+    typer.echo(json.dumps(manifest, indent=2))

@@ -1,0 +1,104 @@
+"""The item catalogue a model version ships: item categories and item vectors.
+
+The refresher must turn an event about an item into exactly the contribution the training job
+computed, so the categories and vectors travel with the version instead of being looked up in a
+live database that may have moved on. An item the catalogue does not know still gets a defined
+vector: the mean of its categories' vectors when the event names categories, else the mean of all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from encoder_service.data.contract import CATEGORY_SEPARATOR
+
+
+@dataclass(frozen=True)
+class ItemCatalog:
+    """Item ids, their categories and float32 vectors ``[n_items, dim]``, plus fallbacks."""
+
+    item_ids: tuple[str, ...]
+    categories: tuple[tuple[str, ...], ...]
+    vectors: np.ndarray
+    index: dict[str, int] = field(init=False, repr=False, compare=False)
+    category_vectors: dict[str, np.ndarray] = field(init=False, repr=False, compare=False)
+    mean_vector: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.item_ids) != len(self.categories) or len(self.item_ids) != len(self.vectors):
+            raise ValueError("item_ids, categories and vectors must have the same length")
+        vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
+        if vectors.ndim != 2:
+            raise ValueError("vectors must be a 2-D array [n_items, dim]")
+        object.__setattr__(self, "vectors", vectors)
+        object.__setattr__(self, "index", {item: i for i, item in enumerate(self.item_ids)})
+        sums: dict[str, np.ndarray] = {}
+        counts: dict[str, int] = {}
+        for row, names in enumerate(self.categories):
+            for name in names:
+                if name in sums:
+                    sums[name] += vectors[row]
+                    counts[name] += 1
+                else:
+                    sums[name] = vectors[row].astype(np.float64)
+                    counts[name] = 1
+        object.__setattr__(
+            self,
+            "category_vectors",
+            {name: (sums[name] / counts[name]).astype(np.float32) for name in sums},
+        )
+        mean = vectors.mean(axis=0) if len(vectors) else np.zeros(vectors.shape[1], np.float32)
+        object.__setattr__(self, "mean_vector", mean.astype(np.float32))
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def lookup(
+        self, item_id: str, categories: Sequence[str] = ()
+    ) -> tuple[tuple[str, ...], np.ndarray]:
+        """Categories and vector of an item; unknown items fall back as the module says."""
+        row = self.index.get(item_id)
+        if row is not None:
+            return self.categories[row], self.vectors[row]
+        known = [self.category_vectors[c] for c in categories if c in self.category_vectors]
+        vector = np.mean(known, axis=0).astype(np.float32) if known else self.mean_vector
+        return tuple(categories), vector
+
+    def to_bytes(self) -> bytes:
+        """An ``.npz`` without pickles, so loading a catalogue can never execute code."""
+        buffer = io.BytesIO()
+        np.savez_compressed(
+            buffer,
+            item_ids=np.array(self.item_ids, dtype=np.str_),
+            categories=np.array(
+                [CATEGORY_SEPARATOR.join(c) for c in self.categories], dtype=np.str_
+            ),
+            vectors=self.vectors,
+        )
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ItemCatalog:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            ids = tuple(str(i) for i in npz["item_ids"])
+            cats = tuple(
+                tuple(c for c in str(joined).split(CATEGORY_SEPARATOR) if c)
+                for joined in npz["categories"]
+            )
+            vectors = npz["vectors"]
+        return cls(item_ids=ids, categories=cats, vectors=vectors)
+
+    @property
+    def hash(self) -> str:
+        """Content hash; feature states key their item-vector sums by it."""
+        digest = hashlib.sha256()
+        digest.update("\n".join(self.item_ids).encode())
+        digest.update("\n".join(CATEGORY_SEPARATOR.join(c) for c in self.categories).encode())
+        digest.update(self.vectors.tobytes())
+        return "sha256:" + digest.hexdigest()[:32]

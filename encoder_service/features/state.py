@@ -1,0 +1,206 @@
+"""Per-user feature state: small, incrementally updatable aggregates shared by both stages.
+
+Every aggregate is an exponentially time-decayed sum held "as of" the user's latest event time
+``t_last``. A sum of ``w * 2**(-(t_last - t) / half_life)`` does not depend on the order in which
+events arrive, so ``apply`` is O(1) per event, accepts late events, and replaying a history event
+by event gives the same state as the batch build in ``features/build.py``.
+
+Category, event-type and context aggregates are keyed by *name*, not by a model's vocabulary, so
+one state serves every live model version, including versions trained on a newer vocabulary.
+Item-vector sums depend on a version's item catalogue and are kept per catalogue hash.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+
+from encoder_service.data.contract import Event
+from encoder_service.features.catalog import ItemCatalog
+from encoder_service.features.schema import (
+    HALF_LIVES_DAYS,
+    HEATMAP_CELLS,
+    RHYTHM_HALF_LIFE_DAYS,
+    UNKNOWN,
+)
+
+SECONDS_PER_DAY = 86_400.0
+_STATE_MAGIC = b"FS1"
+_HEADER = struct.Struct("<3sI")
+
+
+def heatmap_cell(timestamp: float) -> int:
+    """Day-of-week (Monday = 0) x hour-of-day cell, in UTC."""
+    day = int(timestamp // SECONDS_PER_DAY)
+    hour = int((timestamp % SECONDS_PER_DAY) // 3600)
+    return ((day + 3) % 7) * 24 + hour  # 1970-01-01 was a Thursday
+
+
+def decay_factors(delta_seconds: float, half_lives_days: tuple[float, ...]) -> np.ndarray:
+    """``2**(-delta / half_life)`` for each half-life; delta may be negative (a late event)."""
+    days = delta_seconds / SECONDS_PER_DAY
+    return np.exp2(-days / np.asarray(half_lives_days, dtype=np.float64))
+
+
+@dataclass
+class FeatureState:
+    """The aggregates of one user; all decayed sums are as of ``t_last``.
+
+    Attributes:
+        mass: decayed total weight per half-life, shape ``[H]``.
+        categories: category name -> decayed weight per half-life ``[H]``; an item with k
+            categories gives each ``weight / k``.
+        heatmap: decayed weight per day-of-week x hour cell ``[168]`` (long half-life).
+        event_types / contexts: name -> decayed weight (long half-life); no context is ``UNKNOWN``.
+        item_sums: catalogue hash -> decayed weighted sum of item vectors ``[H, dim]``.
+        profile: the latest known profile fields.
+    """
+
+    t_first: float = math.inf
+    t_last: float = -math.inf
+    count: int = 0
+    weight_sum: float = 0.0
+    weight_sq_sum: float = 0.0
+    mass: np.ndarray = field(default_factory=lambda: np.zeros(len(HALF_LIVES_DAYS)))
+    categories: dict[str, np.ndarray] = field(default_factory=dict)
+    heatmap: np.ndarray = field(default_factory=lambda: np.zeros(HEATMAP_CELLS))
+    event_types: dict[str, float] = field(default_factory=dict)
+    contexts: dict[str, float] = field(default_factory=dict)
+    item_sums: dict[str, np.ndarray] = field(default_factory=dict)
+    profile: dict[str, str | float | None] = field(default_factory=dict)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.count == 0
+
+    def apply(self, event: Event, catalogs: Mapping[str, ItemCatalog]) -> None:
+        """Fold one event in, in O(number of distinct names held), whatever its arrival order.
+
+        Args:
+            event: a validated event.
+            catalogs: catalogue hash -> catalogue, one per live model version; each keeps its own
+                item-vector sum. Item categories come from the first catalogue that knows the
+                item, else from the event itself.
+        """
+        self.profile.update(event.profile)
+        if self.count == 0:
+            self.t_first = self.t_last = event.timestamp
+        delta = event.timestamp - self.t_last
+        if delta >= 0:
+            self._age(delta)
+            self.t_last = event.timestamp
+            scale = np.ones(len(HALF_LIVES_DAYS))
+            rhythm_scale = 1.0
+        else:
+            scale = decay_factors(-delta, HALF_LIVES_DAYS)
+            rhythm_scale = float(decay_factors(-delta, (RHYTHM_HALF_LIFE_DAYS,))[0])
+        self.t_first = min(self.t_first, event.timestamp)
+        self.count += 1
+        w = event.weight
+        self.weight_sum += w
+        self.weight_sq_sum += w * w
+        contribution = w * scale
+        self.mass += contribution
+
+        categories = _item_categories(event, catalogs)
+        if categories:
+            share = contribution / len(categories)
+            for name in categories:
+                held = self.categories.get(name)
+                self.categories[name] = share.copy() if held is None else held + share
+        for catalog_id, catalog in catalogs.items():
+            _, vector = catalog.lookup(event.item_id, categories)
+            term = np.outer(contribution, vector)
+            held = self.item_sums.get(catalog_id)
+            self.item_sums[catalog_id] = term if held is None else held + term
+
+        rhythm_w = w * rhythm_scale
+        self.heatmap[heatmap_cell(event.timestamp)] += rhythm_w
+        self.event_types[event.event_type] = self.event_types.get(event.event_type, 0.0) + rhythm_w
+        context = event.context or UNKNOWN
+        self.contexts[context] = self.contexts.get(context, 0.0) + rhythm_w
+
+    def _age(self, delta_seconds: float) -> None:
+        """Move every decayed sum ``delta_seconds`` forward in time."""
+        if delta_seconds == 0 or self.count == 0:
+            return
+        factors = decay_factors(delta_seconds, HALF_LIVES_DAYS)
+        rhythm = float(decay_factors(delta_seconds, (RHYTHM_HALF_LIFE_DAYS,))[0])
+        self.mass *= factors
+        for name in self.categories:
+            self.categories[name] = self.categories[name] * factors
+        for catalog_id in self.item_sums:
+            self.item_sums[catalog_id] = self.item_sums[catalog_id] * factors[:, None]
+        self.heatmap *= rhythm
+        for name in self.event_types:
+            self.event_types[name] *= rhythm
+        for name in self.contexts:
+            self.contexts[name] *= rhythm
+
+    # --- serialisation -------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        """Compact binary: a JSON header for names and scalars, then float32 arrays."""
+        item_ids = sorted(self.item_sums)
+        header = {
+            "t0": self.t_first if self.count else None,
+            "t1": self.t_last if self.count else None,
+            "n": self.count,
+            "ws": self.weight_sum,
+            "wq": self.weight_sq_sum,
+            "cat": {k: v.tolist() for k, v in self.categories.items()},
+            "et": self.event_types,
+            "cx": self.contexts,
+            "p": self.profile,
+            "it": [[cid, int(self.item_sums[cid].shape[1])] for cid in item_ids],
+        }
+        head = orjson.dumps(header)
+        arrays = [self.mass, self.heatmap, *(self.item_sums[cid].ravel() for cid in item_ids)]
+        body = np.concatenate(arrays).astype("<f4").tobytes()
+        return _HEADER.pack(_STATE_MAGIC, len(head)) + head + body
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> FeatureState:
+        magic, head_len = _HEADER.unpack_from(data)
+        if magic != _STATE_MAGIC:
+            raise ValueError("not a feature state (bad magic)")
+        header = orjson.loads(data[_HEADER.size : _HEADER.size + head_len])
+        body = np.frombuffer(data, dtype="<f4", offset=_HEADER.size + head_len).astype(np.float64)
+        h = len(HALF_LIVES_DAYS)
+        cursor = 0
+        mass = body[cursor : cursor + h].copy()
+        cursor += h
+        heatmap = body[cursor : cursor + HEATMAP_CELLS].copy()
+        cursor += HEATMAP_CELLS
+        item_sums: dict[str, np.ndarray] = {}
+        for cid, dim in header["it"]:
+            item_sums[cid] = body[cursor : cursor + h * dim].reshape(h, dim).copy()
+            cursor += h * dim
+        if cursor != len(body):
+            raise ValueError("feature state is truncated or has trailing bytes")
+        return cls(
+            t_first=header["t0"] if header["t0"] is not None else math.inf,
+            t_last=header["t1"] if header["t1"] is not None else -math.inf,
+            count=header["n"],
+            weight_sum=header["ws"],
+            weight_sq_sum=header["wq"],
+            mass=mass,
+            categories={k: np.asarray(v, dtype=np.float64) for k, v in header["cat"].items()},
+            heatmap=heatmap,
+            event_types=header["et"],
+            contexts=header["cx"],
+            item_sums=item_sums,
+            profile=header["p"],
+        )
+
+
+def _item_categories(event: Event, catalogs: Mapping[str, ItemCatalog]) -> tuple[str, ...]:
+    for catalog in catalogs.values():
+        row = catalog.index.get(event.item_id)
+        if row is not None:
+            return catalog.categories[row]
+    return event.categories

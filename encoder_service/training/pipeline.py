@@ -1,0 +1,146 @@
+"""The training job end to end: tables -> states -> features -> autoencoder -> ONNX version folder.
+
+The output folder holds everything a model version is (``encoder.onnx``, ``catalog.npz``,
+``manifest.json``); the in-memory states and features come back too so that the caller can
+publish the snapshot without rebuilding it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from encoder_service.data.tables import Dataset
+from encoder_service.encoder import CATALOG_FILE, MODEL_FILE, ModelArtifacts
+from encoder_service.features.build import build_catalog, build_states, fit_schema
+from encoder_service.features.state import FeatureState
+from encoder_service.features.vectorize import Vectorizer
+from encoder_service.training.export import (
+    build_manifest,
+    check_parity,
+    export_encoder,
+    write_manifest,
+)
+from encoder_service.training.item_vectors import learn_item_vectors
+from encoder_service.training.train import TrainConfig, train_autoencoder
+
+log = logging.getLogger(__name__)
+
+PARITY_SAMPLE = 4096
+CONTENT_VECTOR_MIN_COVERAGE = 0.5
+
+
+@dataclass
+class TrainedVersion:
+    """A trained version on disk plus the snapshot it was trained on."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    user_ids: list[str]
+    states: list[FeatureState]
+    features: np.ndarray
+
+    def artifacts(self) -> ModelArtifacts:
+        return ModelArtifacts.from_folder(self.folder)
+
+
+def train_version(
+    dataset: Dataset,
+    *,
+    version: str,
+    out_dir: Path,
+    config: TrainConfig,
+    item_vector_dim: int = 32,
+    exclude_profile: Sequence[str] = (),
+    parent_version: str | None = None,
+    progress: bool = True,
+) -> TrainedVersion:
+    """Train and export one model version into ``out_dir / version``."""
+    folder = out_dir / version
+    folder.mkdir(parents=True, exist_ok=True)
+    vectors = _item_vectors(dataset, item_vector_dim, config.seed)
+    catalog = build_catalog(dataset, vectors)
+    schema = fit_schema(dataset, item_vector_dim=catalog.dim, exclude_profile=exclude_profile)
+    log.info("feature schema %s: %d inputs in %d groups", schema.hash[:19], schema.input_dim,
+             len(schema.groups))
+    user_ids, states = build_states(dataset, {catalog.hash: catalog})
+    features = Vectorizer(schema, catalog.hash)(states)
+    result = train_autoencoder(features, schema, config, progress=progress)
+
+    model_path = export_encoder(result.model, folder / MODEL_FILE, input_dim=schema.input_dim)
+    sample = np.random.default_rng(config.seed).permutation(len(features))[:PARITY_SAMPLE]
+    parity = check_parity(result.model, model_path, features[np.sort(sample)])
+    (folder / CATALOG_FILE).write_bytes(catalog.to_bytes())
+    start, end = dataset.time_window()
+    manifest = build_manifest(
+        version=version,
+        schema=schema,
+        embedding_dim=config.embedding_dim,
+        catalog_hash=catalog.hash,
+        dataset_summary={
+            "data": dataset.name,
+            "window_start": _iso(start),
+            "window_end": _iso(end),
+            "n_users": len(user_ids),
+            "n_events": len(dataset.events),
+            "n_items": len(dataset.items),
+            "excluded_profile_fields": list(exclude_profile),
+        },
+        metrics={**result.metrics, "onnx_parity_max_abs_diff": parity,
+                 "best_epoch": result.best_epoch},
+        parent_version=parent_version,
+    )
+    write_manifest(manifest, folder)
+    log.info("model version %s written to %s", version, folder)
+    return TrainedVersion(folder, manifest, user_ids, states, features)
+
+
+def _item_vectors(dataset: Dataset, dim: int, seed: int) -> np.ndarray:
+    """Content vectors where the catalogue has them, else vectors learned from co-occurrence."""
+    content = _content_vectors(dataset.items)
+    if content is not None:
+        log.info("using the catalogue's content vectors (%d dims)", content.shape[1])
+        return content
+    items = pd.Index(dataset.items["item_id"].astype(str))
+    users = pd.Index(dataset.users["user_id"].astype(str))
+    log.info("learning %d-dim item vectors from co-occurrence of %d items", dim, len(items))
+    return learn_item_vectors(
+        users.get_indexer(dataset.events["user_id"].astype(str)),
+        items.get_indexer(dataset.events["item_id"].astype(str)),
+        len(items),
+        dim,
+        seed=seed,
+    )
+
+
+def _content_vectors(items: pd.DataFrame) -> np.ndarray | None:
+    """Stack content vectors when enough items carry one; the rest take their categories' mean."""
+    column = items["vector"]
+    present = column.notna().to_numpy()
+    if not len(items) or present.mean() < CONTENT_VECTOR_MIN_COVERAGE:
+        return None
+    known = np.stack(column[present].to_list()).astype(np.float32)
+    vectors = np.zeros((len(items), known.shape[1]), dtype=np.float32)
+    vectors[present] = known
+    if (~present).any():
+        by_category: dict[str, list[np.ndarray]] = {}
+        for cats, vector in zip(items["categories"][present], known, strict=True):
+            for name in cats:
+                by_category.setdefault(name, []).append(vector)
+        means = {name: np.mean(v, axis=0) for name, v in by_category.items()}
+        fallback = known.mean(axis=0)
+        for row in np.flatnonzero(~present):
+            found = [means[c] for c in items["categories"].iloc[row] if c in means]
+            vectors[row] = np.mean(found, axis=0) if found else fallback
+    return vectors
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=UTC).isoformat()
