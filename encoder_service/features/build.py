@@ -173,7 +173,7 @@ def _item_category_matrix(categories: pd.Series) -> tuple[list[str], sp.csr_matr
     for row, cats in enumerate(categories):
         for name in cats:
             rows.append(row)
-            cols.append(names.setdefault(name, len(names)))
+            cols.append(names.setdefault(str(name), len(names)))
             vals.append(1.0 / len(cats))
     matrix = sp.csr_matrix((vals, (rows, cols)), shape=(len(categories), max(len(names), 1)))
     return list(names), matrix

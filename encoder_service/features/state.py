@@ -158,7 +158,7 @@ class FeatureState:
             "p": self.profile,
             "it": [[cid, int(self.item_sums[cid].shape[1])] for cid in item_ids],
         }
-        head = orjson.dumps(header)
+        head = orjson.dumps(header, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
         arrays = [self.mass, self.heatmap, *(self.item_sums[cid].ravel() for cid in item_ids)]
         body = np.concatenate(arrays).astype("<f4").tobytes()
         return _HEADER.pack(_STATE_MAGIC, len(head)) + head + body

@@ -20,6 +20,8 @@ import pandas as pd
 from encoder_service.data.tables import Dataset
 from encoder_service.encoder import CATALOG_FILE, MODEL_FILE, ModelArtifacts
 from encoder_service.features.build import build_catalog, build_states, fit_schema
+from encoder_service.features.catalog import ItemCatalog
+from encoder_service.features.schema import FeatureSchema
 from encoder_service.features.state import FeatureState
 from encoder_service.features.vectorize import Vectorizer
 from encoder_service.training.export import (
@@ -51,6 +53,39 @@ class TrainedVersion:
         return ModelArtifacts.from_folder(self.folder)
 
 
+@dataclass
+class PreparedFeatures:
+    """A data set turned into the encoder's inputs, before any training."""
+
+    schema: FeatureSchema
+    catalog: ItemCatalog
+    user_ids: list[str]
+    states: list[FeatureState]
+    features: np.ndarray
+
+
+def prepare_features(
+    dataset: Dataset,
+    *,
+    item_vector_dim: int = 32,
+    exclude_profile: Sequence[str] = (),
+    seed: int = 0,
+) -> PreparedFeatures:
+    """Item vectors, catalogue, schema, every user's state and the feature matrix."""
+    vectors = _item_vectors(dataset, item_vector_dim, seed)
+    catalog = build_catalog(dataset, vectors)
+    schema = fit_schema(dataset, item_vector_dim=catalog.dim, exclude_profile=exclude_profile)
+    log.info(
+        "feature schema %s: %d inputs in %d groups",
+        schema.hash[:19],
+        schema.input_dim,
+        len(schema.groups),
+    )
+    user_ids, states = build_states(dataset, {catalog.hash: catalog})
+    features = Vectorizer(schema, catalog.hash)(states)
+    return PreparedFeatures(schema, catalog, user_ids, states, features)
+
+
 def train_version(
     dataset: Dataset,
     *,
@@ -65,13 +100,13 @@ def train_version(
     """Train and export one model version into ``out_dir / version``."""
     folder = out_dir / version
     folder.mkdir(parents=True, exist_ok=True)
-    vectors = _item_vectors(dataset, item_vector_dim, config.seed)
-    catalog = build_catalog(dataset, vectors)
-    schema = fit_schema(dataset, item_vector_dim=catalog.dim, exclude_profile=exclude_profile)
-    log.info("feature schema %s: %d inputs in %d groups", schema.hash[:19], schema.input_dim,
-             len(schema.groups))
-    user_ids, states = build_states(dataset, {catalog.hash: catalog})
-    features = Vectorizer(schema, catalog.hash)(states)
+    prepared = prepare_features(
+        dataset,
+        item_vector_dim=item_vector_dim,
+        exclude_profile=exclude_profile,
+        seed=config.seed,
+    )
+    schema, catalog, features = prepared.schema, prepared.catalog, prepared.features
     result = train_autoencoder(features, schema, config, progress=progress)
 
     model_path = export_encoder(result.model, folder / MODEL_FILE, input_dim=schema.input_dim)
@@ -88,18 +123,21 @@ def train_version(
             "data": dataset.name,
             "window_start": _iso(start),
             "window_end": _iso(end),
-            "n_users": len(user_ids),
+            "n_users": len(prepared.user_ids),
             "n_events": len(dataset.events),
             "n_items": len(dataset.items),
             "excluded_profile_fields": list(exclude_profile),
         },
-        metrics={**result.metrics, "onnx_parity_max_abs_diff": parity,
-                 "best_epoch": result.best_epoch},
+        metrics={
+            **result.metrics,
+            "onnx_parity_max_abs_diff": parity,
+            "best_epoch": result.best_epoch,
+        },
         parent_version=parent_version,
     )
     write_manifest(manifest, folder)
     log.info("model version %s written to %s", version, folder)
-    return TrainedVersion(folder, manifest, user_ids, states, features)
+    return TrainedVersion(folder, manifest, prepared.user_ids, prepared.states, features)
 
 
 def _item_vectors(dataset: Dataset, dim: int, seed: int) -> np.ndarray:
