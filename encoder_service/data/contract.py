@@ -75,7 +75,7 @@ def check_id(value: Any, field: str) -> str:
             raise ContractError(f"{value!r} is not a valid id", field=field)
         value = int(value)
     text = str(value)
-    if not ID_PATTERN.match(text):
+    if not ID_PATTERN.fullmatch(text):
         raise ContractError(
             f"{text[:40]!r} is not a valid id (1-128 of A-Z a-z 0-9 _ . : @ -)", field=field
         )
