@@ -226,6 +226,26 @@ def get(
     )
 
 
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (ENCODER_API_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (ENCODER_API_PORT).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="uvicorn worker processes (ENCODER_API_WORKERS).")
+    ] = None,
+) -> None:
+    """Serve embeddings over REST (uvicorn) from the configured or embedded Redis."""
+    from encoder_service.api.server import run
+
+    settings = get_settings()
+    run(
+        settings,
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        workers=workers or settings.api_workers,
+    )
+
+
 @versions_app.command("list")
 def versions_list() -> None:
     """List published versions with their status."""

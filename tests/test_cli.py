@@ -68,7 +68,7 @@ def test_no_source_is_a_usage_error(env: Path) -> None:
 
 def test_every_command_has_help() -> None:
     for command in (["--help"], ["demo", "--help"], ["train", "--help"], ["publish", "--help"],
-                    ["get", "--help"], ["versions", "list", "--help"]):
+                    ["get", "--help"], ["serve", "--help"], ["versions", "list", "--help"]):
         result = _run(*command)
         assert result.exit_code == 0, command
         assert "Usage" in result.output
@@ -79,7 +79,7 @@ def test_train_publishes_and_get_reads_back(env: Path, redis_client: redis.Redis
     assert result.exit_code == 0, result.output + result.stderr
     assert "published 150 users as v7" in result.output
     assert Registry(redis_client).active() == "v7"
-    got = _run("get", "u0000003")
+    got = _run("get", "u003")
     assert got.exit_code == 0, got.stderr
     assert "version v7 dim 64" in got.output
     listed = _run("versions", "list")

@@ -1,0 +1,238 @@
+"""Train the multi-group autoencoder on an in-memory feature matrix.
+
+The whole matrix (100k users x 300 features is 120 MB of float32) stays in one contiguous tensor
+and minibatches are gathered by shuffled indices: a DataLoader would add per-sample Python
+overhead that costs more than the tiny MLPs themselves. Everything random (the split, the
+initial weights, the shuffles, the group dropout) derives from ``TrainConfig.seed``, so the same
+data, config and thread count give the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from encoder_service.features.schema import FeatureSchema
+from encoder_service.training.model import MultiGroupAutoencoder, standardisation_stats
+
+logger = logging.getLogger(__name__)
+
+EVAL_BATCH_SIZE = 8192
+"""Rows per forward pass when scoring the validation set; only bounds memory."""
+
+MIN_IMPROVEMENT = 1e-4
+"""Relative drop in validation loss that counts as progress for early stopping (losses are >= 0)."""
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run.
+
+    ``patience`` is the number of epochs without validation improvement before stopping;
+    ``num_threads`` sets torch's intra-op threads for the run (``None`` keeps torch's default).
+    """
+
+    embedding_dim: int = 64
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    group_dropout: float = 0.25
+    val_fraction: float = 0.1
+    patience: int = 4
+    seed: int = 0
+    num_threads: int | None = None
+
+
+@dataclass
+class TrainResult:
+    """The trained model (best validation epoch, eval mode) and what happened on the way.
+
+    ``history`` has one dict per epoch: ``epoch`` (1-based), ``train_loss`` (with group dropout),
+    ``val_loss`` (without), ``val_loss_per_group`` and ``seconds``. ``metrics`` describes the
+    returned weights: ``val_loss``, ``val_loss_per_group``, ``users_per_second`` (training rows
+    per second of optimisation, over all epochs), ``n_train``, ``n_val``, ``best_epoch``,
+    ``epochs_run``. ``val_index`` holds the sorted rows of ``x`` held out for validation, so
+    downstream evaluations can stay off the users the encoder was fitted on.
+    """
+
+    model: MultiGroupAutoencoder
+    history: list[dict[str, Any]]
+    best_epoch: int
+    metrics: dict[str, Any]
+    val_index: np.ndarray
+
+
+def train_autoencoder(
+    x: np.ndarray, schema: FeatureSchema, config: TrainConfig, *, progress: bool = True
+) -> TrainResult:
+    """Fit an autoencoder to the feature matrix ``x`` (float32 [N, D], D = schema.input_dim).
+
+    Standardisation statistics come from the training split only. Training stops early once the
+    validation loss has not improved by ``MIN_IMPROVEMENT`` (relative) for ``config.patience``
+    epochs, and the weights of the best epoch are restored.
+    """
+    x = _check_matrix(np.asarray(x), schema.input_dim)
+    val_index = _validation_rows(len(x), config)
+    is_val = np.zeros(len(x), dtype=bool)
+    is_val[val_index] = True
+    x_train = torch.from_numpy(np.ascontiguousarray(x[~is_val]))
+    x_val = torch.from_numpy(np.ascontiguousarray(x[is_val]))
+    previous_threads = torch.get_num_threads()
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    try:
+        model, history, best_epoch = _fit(x_train, x_val, schema, config, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+    best = history[best_epoch - 1]
+    metrics = {
+        "val_loss": best["val_loss"],
+        "val_loss_per_group": best["val_loss_per_group"],
+        "users_per_second": len(x_train) * len(history) / sum(h["train_seconds"] for h in history),
+        "n_train": len(x_train),
+        "n_val": len(x_val),
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+    }
+    return TrainResult(model, history, best_epoch, metrics, val_index)
+
+
+def _check_matrix(x: np.ndarray, input_dim: int) -> np.ndarray:
+    if x.ndim != 2 or x.shape[1] != input_dim:
+        raise ValueError(f"x must have shape (N, {input_dim}), got {x.shape}")
+    x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        raise ValueError("x contains NaN or infinite values")
+    return x
+
+
+def _validation_rows(n: int, config: TrainConfig) -> np.ndarray:
+    """Sorted row indices of a seeded random validation split."""
+    n_val = round(n * config.val_fraction)
+    if n_val < 1 or n_val >= n:
+        raise ValueError(
+            f"val_fraction={config.val_fraction} leaves no train or no validation rows out of {n}"
+        )
+    return np.sort(np.random.default_rng(config.seed).permutation(n)[:n_val])
+
+
+def _fit(
+    x_train: torch.Tensor,
+    x_val: torch.Tensor,
+    schema: FeatureSchema,
+    config: TrainConfig,
+    progress: bool,
+) -> TrainResult:
+    mean, std = standardisation_stats(x_train.numpy())
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    model = MultiGroupAutoencoder.from_schema(
+        schema, config.embedding_dim, mean=mean, std=std, group_dropout=config.group_dropout
+    )
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True
+    )
+    group_names = [g.name for g in schema.groups]
+    history: list[dict[str, Any]] = []
+    best_loss, best_epoch, best_state = float("inf"), 0, copy.deepcopy(model.state_dict())
+    train_seconds = 0.0
+    for epoch in range(1, config.epochs + 1):
+        started = time.perf_counter()
+        train_loss = _train_epoch(
+            model, optimizer, x_train, config.batch_size, generator, epoch, progress
+        )
+        train_seconds += time.perf_counter() - started
+        val_loss, val_groups = evaluate(model, x_val)
+        record = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val_loss_per_group": dict(zip(group_names, val_groups, strict=True)),
+            "seconds": time.perf_counter() - started,
+        }
+        history.append(record)
+        logger.info(
+            "epoch %d/%d train_loss=%.4f val_loss=%.4f (%.1fs)",
+            epoch,
+            config.epochs,
+            train_loss,
+            val_loss,
+            record["seconds"],
+        )
+        if val_loss < best_loss * (1.0 - MIN_IMPROVEMENT):
+            best_loss, best_epoch = val_loss, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        elif epoch - best_epoch >= config.patience:
+            logger.info("early stop: no improvement since epoch %d", best_epoch)
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    best = history[best_epoch - 1]
+    metrics = {
+        "val_loss": best["val_loss"],
+        "val_loss_per_group": best["val_loss_per_group"],
+        "users_per_second": len(x_train) * len(history) / train_seconds,
+        "n_train": len(x_train),
+        "n_val": len(x_val),
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+    }
+    return TrainResult(model=model, history=history, best_epoch=best_epoch, metrics=metrics)
+
+
+def _train_epoch(
+    model: MultiGroupAutoencoder,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    epoch: int,
+    progress: bool,
+) -> float:
+    """One pass over ``x`` in shuffled minibatches; returns the row-weighted mean loss."""
+    model.train()
+    order = torch.randperm(len(x), generator=generator)
+    total = 0.0
+    bar = tqdm(
+        range(0, len(x), batch_size),
+        desc=f"epoch {epoch}",
+        unit="batch",
+        leave=False,
+        disable=not progress,
+    )
+    for start in bar:
+        batch = x.index_select(0, order[start : start + batch_size])
+        loss, _ = model.loss(batch, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(batch)
+        if progress:
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    return total / len(x)
+
+
+@torch.no_grad()
+def evaluate(model: MultiGroupAutoencoder, x: torch.Tensor) -> tuple[float, list[float]]:
+    """Row-weighted mean loss and per-group losses of ``x`` in eval mode (no group dropout).
+
+    Per-batch means are weighted by batch size, which is exact for dense and categorical
+    segments and a close approximation for distributions (whose mean is over rows with mass).
+    """
+    model.eval()
+    total = 0.0
+    groups = torch.zeros(len(model.groups), dtype=torch.float64)
+    for start in range(0, len(x), EVAL_BATCH_SIZE):
+        batch = x[start : start + EVAL_BATCH_SIZE]
+        loss, per_group = model.loss(batch)
+        total += loss.item() * len(batch)
+        groups += per_group.double() * len(batch)
+    return total / len(x), (groups / len(x)).tolist()
