@@ -21,7 +21,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-versions_app = typer.Typer(help="Inspect and manage published model versions.", no_args_is_help=True)
+versions_app = typer.Typer(
+    help="Inspect and manage published model versions.", no_args_is_help=True
+)
 app.add_typer(versions_app, name="versions")
 
 log = logging.getLogger("encoder_service")
@@ -161,6 +163,7 @@ def _train_and_publish(
             trained.artifacts(),
             trained.user_ids,
             trained.states,
+            features=trained.features,
             activate=activate,
             batch_size=settings.publish_batch_size,
         )

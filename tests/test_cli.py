@@ -1,4 +1,4 @@
-"""The command line: bad input stops with one line naming file, row and field; nothing is published."""
+"""The command line: bad input stops with one line naming where; nothing is published."""
 
 from __future__ import annotations
 
@@ -67,8 +67,15 @@ def test_no_source_is_a_usage_error(env: Path) -> None:
 
 
 def test_every_command_has_help() -> None:
-    for command in (["--help"], ["demo", "--help"], ["train", "--help"], ["publish", "--help"],
-                    ["get", "--help"], ["serve", "--help"], ["versions", "list", "--help"]):
+    for command in (
+        ["--help"],
+        ["demo", "--help"],
+        ["train", "--help"],
+        ["publish", "--help"],
+        ["get", "--help"],
+        ["serve", "--help"],
+        ["versions", "list", "--help"],
+    ):
         result = _run(*command)
         assert result.exit_code == 0, command
         assert "Usage" in result.output

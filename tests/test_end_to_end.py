@@ -22,8 +22,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedVersion:
     dataset = generate(600, seed=7)
     config = TrainConfig(embedding_dim=16, epochs=4, batch_size=128, seed=7)
     return train_version(
-        dataset, version="v1", out_dir=tmp_path_factory.mktemp("models"), config=config,
-        item_vector_dim=8, progress=False,
+        dataset,
+        version="v1",
+        out_dir=tmp_path_factory.mktemp("models"),
+        config=config,
+        item_vector_dim=8,
+        progress=False,
     )
 
 
@@ -76,14 +80,18 @@ def test_a_version_with_another_schema_is_refused_and_nothing_changes(
     )
     before = EmbeddingStore(redis_client).read_embeddings("v1", trained.user_ids[:20])
     other = train_version(
-        generate(200, seed=8, n_categories=5), version="v1", out_dir=tmp_path,
-        config=TrainConfig(embedding_dim=16, epochs=1, seed=1), item_vector_dim=8,
+        generate(200, seed=8, n_categories=5),
+        version="v1",
+        out_dir=tmp_path,
+        config=TrainConfig(embedding_dim=16, epochs=1, seed=1),
+        item_vector_dim=8,
         progress=False,
     )
     assert other.manifest["schema_hash"] != trained.manifest["schema_hash"]
     with pytest.raises(SchemaMismatchError, match="new version id"):
-        publish_version(redis_client, other.artifacts(), other.user_ids, other.states,
-                        progress=False)
+        publish_version(
+            redis_client, other.artifacts(), other.user_ids, other.states, progress=False
+        )
     assert EmbeddingStore(redis_client).read_embeddings("v1", trained.user_ids[:20]) == before
 
 
@@ -100,8 +108,9 @@ def test_a_failed_publish_leaves_the_active_version_untouched(
     states = list(trained.states)
     states[300] = None  # an unencodable state half-way through the publish
     with pytest.raises(AttributeError):
-        publish_version(redis_client, broken, trained.user_ids, states, batch_size=100,
-                        progress=False)
+        publish_version(
+            redis_client, broken, trained.user_ids, states, batch_size=100, progress=False
+        )
     registry = Registry(redis_client)
     assert registry.get("v2") is None
     assert registry.active() == "v1"

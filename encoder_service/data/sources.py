@@ -1,4 +1,4 @@
-"""Pick a loader from command-line options: generic tables, a known public data set, or synthetic."""
+"""Pick a loader from command-line options: generic tables, a public data set, or synthetic."""
 
 from __future__ import annotations
 

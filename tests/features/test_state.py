@@ -26,7 +26,8 @@ def _dataset(seed: int = 0, n_users: int = 30, n_items: int = 40) -> Dataset:
         {
             "item_id": [f"i{k}" for k in range(n_items)],
             "categories": [
-                tuple(rng.choice(cats, size=rng.integers(0, 3), replace=False)) for _ in range(n_items)
+                tuple(rng.choice(cats, size=rng.integers(0, 3), replace=False))
+                for _ in range(n_items)
             ],
             "vector": [None] * n_items,
         }
@@ -78,9 +79,7 @@ def _replay(dataset: Dataset, catalogs: dict[str, ItemCatalog], seed: int) -> li
                 catalogs,
             )
         profile = profiles.loc[user]
-        state.profile.update(
-            {k: (None if pd.isna(v) else v) for k, v in profile.items()}
-        )
+        state.profile.update({k: (None if pd.isna(v) else v) for k, v in profile.items()})
         states.append(state)
     return states
 
