@@ -28,6 +28,7 @@ class Vectorizer:
         self._event_type_slot = {name: i for i, name in enumerate(schema.event_type_slots)}
         self._context_slot = {name: i for i, name in enumerate(schema.context_slots)}
         self._horizons = [f"{int(h)}d" for h in schema.half_lives_days]
+        self._affinity_start = schema.group("affinity").start
 
     @property
     def input_dim(self) -> int:
@@ -51,13 +52,17 @@ class Vectorizer:
         return x.astype(np.float32)
 
     def _affinity(self, state: FeatureState, x: np.ndarray) -> None:
+        """All horizons at once: the affinity segments are consecutive ``[H, C]`` blocks."""
+        if not state.categories:
+            return
         other = self._category_slot[OTHER]
-        for h, horizon in enumerate(self._horizons):
-            seg = self._segments[f"affinity_{horizon}"]
-            view = x[seg.start : seg.end]
-            for name, values in state.categories.items():
-                view[self._category_slot.get(name, other)] += values[h]
-            _normalise(view)
+        slots = [self._category_slot.get(name, other) for name in state.categories]
+        values = np.array(list(state.categories.values()))  # [k, H]
+        block = np.zeros((len(self._category_slot), values.shape[1]))
+        np.add.at(block, slots, values)
+        totals = block.sum(axis=0)
+        block /= np.where(totals > 0, totals, 1.0)
+        x[self._affinity_start : self._affinity_start + block.size] = block.T.ravel()
 
     def _item_taste(self, state: FeatureState, x: np.ndarray) -> None:
         if self.schema.item_vector_dim == 0 or self.catalog_id is None:
