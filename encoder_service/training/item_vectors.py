@@ -11,20 +11,28 @@ smoothed with exponent 0.75 and the vectors are ``U * sqrt(S)``.
 
 Scale: counting item pairs costs the sum over users of (history length)^2, and the pairs of
 popular items dominate: on a synthetic 100k users x 50k items x 5M events with Zipf item
-popularity, the 2,000 most popular items alone co-occur with 36M item pairs, and the full
-co-occurrence matrix would hold on the order of 10^8 non-zeros. Two reductions keep it bounded:
+popularity and log-normal user activity there are 3.7 x 10^8 pairs, and the 2,000 most popular
+items alone form 36M distinct co-occurring pairs. Two reductions keep the work bounded:
 
 * each user's history is capped at ``max_history`` distinct items (a seeded random subset), so
   one very active user costs at most ``max_history**2`` pairs;
-* if the expected number of pairs still exceeds ``max_pairs``, occurrences of frequent items are
-  subsampled as in word2vec (keep probability ``min(1, sqrt(t / frequency))`` with ``t`` found by
-  bisection to meet the budget). Dropping an item's occurrences at random scales its joint and
-  marginal counts alike, so the PMI estimates stay unbiased; what is lost is some precision on
-  pairs of popular items, which have the most data to spare.
+* if the pair count still exceeds ``max_pairs``, occurrences of frequent items are subsampled as
+  in word2vec (keep probability ``min(1, sqrt(t / frequency))``, ``t`` found by bisection to meet
+  the budget). A pair's joint count and its items' marginals shrink by the same keep factors to
+  first order, so PMI moves far less than the counts do; precision is lost mostly on pairs of
+  popular items, which have data to spare.
 
-Small data sets (MovieLens 100K: 100k events, about 10^7 pairs) are within budget and are
-counted exactly. The co-occurrence matrix is built and turned into PPMI in blocks of item rows,
-so only positive PMI entries are ever held in full.
+Measured on that synthetic set (two shared CPU cores): capping 3 s, subsampling 1 s, PPMI 8 s
+(47M non-zeros, about 0.6 GB), truncated SVD 49 s; about a minute in all. MovieLens 100K
+(2 x 10^7 pairs) fits the budget and is counted exactly in under 2 s; the genre agreement of
+each item's 10 nearest neighbours is 0.60 (random pairs: 0.35), and 0.59 when subsampled to half
+its pairs. The alternative the pair count invites, a truncated SVD of the user x item matrix
+with columns scaled by item degree^-1/2 (a spectral embedding of the normalised co-occurrence,
+linear in the events: 4 s at the synthetic scale), scored 0.64 on MovieLens 100K; it is the
+first thing to try if this module's cost or quality becomes a problem.
+
+The co-occurrence matrix is built and turned into PPMI in blocks of item rows, so only positive
+PMI entries are ever held in full.
 """
 
 from __future__ import annotations

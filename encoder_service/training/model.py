@@ -73,8 +73,9 @@ class UserEncoder(nn.Module):
 
     The bottleneck ends in a LayerNorm without affine parameters, so every embedding has zero
     mean and unit variance across its dimensions: downstream heads and version alignment see one
-    scale regardless of how active a user is, and the reconstruction loss was measured to be no
-    worse with it than without.
+    scale whatever the user's activity. Measured on 20k synthetic users (D=324, 30 epochs) it
+    costs nothing at 64 dimensions (validation loss 7.36 with it, 7.38 without), while at 16
+    dimensions, where the two lost degrees of freedom matter more, it was about 4% worse.
     """
 
     def __init__(

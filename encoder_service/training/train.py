@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -56,11 +56,12 @@ class TrainResult:
     """The trained model (best validation epoch, eval mode) and what happened on the way.
 
     ``history`` has one dict per epoch: ``epoch`` (1-based), ``train_loss`` (with group dropout),
-    ``val_loss`` (without), ``val_loss_per_group`` and ``seconds``. ``metrics`` describes the
-    returned weights: ``val_loss``, ``val_loss_per_group``, ``users_per_second`` (training rows
-    per second of optimisation, over all epochs), ``n_train``, ``n_val``, ``best_epoch``,
-    ``epochs_run``. ``val_index`` holds the sorted rows of ``x`` held out for validation, so
-    downstream evaluations can stay off the users the encoder was fitted on.
+    ``val_loss`` (without), ``val_loss_per_group``, ``train_seconds`` (optimisation only) and
+    ``seconds`` (with validation). ``metrics`` describes the returned weights: ``val_loss``,
+    ``val_loss_per_group``, ``users_per_second`` (training rows per second of optimisation, over
+    all epochs), ``n_train``, ``n_val``, ``best_epoch``, ``epochs_run``. ``val_index`` holds the
+    sorted rows of ``x`` held out for validation, so downstream evaluations can stay off the
+    users the encoder was fitted on.
     """
 
     model: MultiGroupAutoencoder
@@ -83,8 +84,8 @@ def train_autoencoder(
     val_index = _validation_rows(len(x), config)
     is_val = np.zeros(len(x), dtype=bool)
     is_val[val_index] = True
-    x_train = torch.from_numpy(np.ascontiguousarray(x[~is_val]))
-    x_val = torch.from_numpy(np.ascontiguousarray(x[is_val]))
+    x_train = torch.from_numpy(x[~is_val])
+    x_val = torch.from_numpy(x[is_val])
     previous_threads = torch.get_num_threads()
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
@@ -130,7 +131,8 @@ def _fit(
     schema: FeatureSchema,
     config: TrainConfig,
     progress: bool,
-) -> TrainResult:
+) -> tuple[MultiGroupAutoencoder, list[dict[str, Any]], int]:
+    """The model with its best weights restored, the per-epoch history and the best epoch."""
     mean, std = standardisation_stats(x_train.numpy())
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -143,29 +145,26 @@ def _fit(
     group_names = [g.name for g in schema.groups]
     history: list[dict[str, Any]] = []
     best_loss, best_epoch, best_state = float("inf"), 0, copy.deepcopy(model.state_dict())
-    train_seconds = 0.0
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
         train_loss = _train_epoch(
             model, optimizer, x_train, config.batch_size, generator, epoch, progress
         )
-        train_seconds += time.perf_counter() - started
+        train_seconds = time.perf_counter() - started
         val_loss, val_groups = evaluate(model, x_val)
-        record = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "val_loss_per_group": dict(zip(group_names, val_groups, strict=True)),
-            "seconds": time.perf_counter() - started,
-        }
-        history.append(record)
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "val_loss_per_group": dict(zip(group_names, val_groups, strict=True)),
+                "train_seconds": train_seconds,
+                "seconds": time.perf_counter() - started,
+            }
+        )
         logger.info(
             "epoch %d/%d train_loss=%.4f val_loss=%.4f (%.1fs)",
-            epoch,
-            config.epochs,
-            train_loss,
-            val_loss,
-            record["seconds"],
+            *(epoch, config.epochs, train_loss, val_loss, history[-1]["seconds"]),
         )
         if val_loss < best_loss * (1.0 - MIN_IMPROVEMENT):
             best_loss, best_epoch = val_loss, epoch
@@ -175,17 +174,7 @@ def _fit(
             break
     model.load_state_dict(best_state)
     model.eval()
-    best = history[best_epoch - 1]
-    metrics = {
-        "val_loss": best["val_loss"],
-        "val_loss_per_group": best["val_loss_per_group"],
-        "users_per_second": len(x_train) * len(history) / train_seconds,
-        "n_train": len(x_train),
-        "n_val": len(x_val),
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-    }
-    return TrainResult(model=model, history=history, best_epoch=best_epoch, metrics=metrics)
+    return model, history, best_epoch
 
 
 def _train_epoch(
