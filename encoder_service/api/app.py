@@ -1,0 +1,62 @@
+"""Build the API: settings, auth, error handling, metrics, routers; the Redis client lives in
+the lifespan so that each worker process opens its own pool."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from encoder_service import __version__
+from encoder_service.api.auth import Authenticator
+from encoder_service.api.metrics import MetricsMiddleware
+from encoder_service.api.problems import install_problem_handlers
+from encoder_service.api.routes import ROUTERS
+from encoder_service.api.service import EmbeddingService
+from encoder_service.redis_connection import async_client, resolve_redis_url
+from encoder_service.settings import Settings, get_settings
+
+DESCRIPTION = """\
+User embeddings, served from Redis: one dense vector per user and encoder version.
+
+Reads need an API key with the `read` scope, sent as `Authorization: Bearer <key>`. Errors are
+`application/problem+json` (RFC 9457); branch on their `type`."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The ASGI app; without ``settings``, the process-wide ones from the environment.
+
+    Raises:
+        ValueError: ``api_keys`` is malformed (refused now rather than per request).
+    """
+    settings = settings or get_settings()
+    authenticator = Authenticator.from_settings(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        with resolve_redis_url(settings) as url:
+            client = async_client(url)
+            app.state.service = EmbeddingService(
+                client,
+                batch_limit=settings.batch_limit,
+                version_cache_ttl=settings.api_version_cache_ttl,
+            )
+            try:
+                yield
+            finally:
+                await client.aclose()
+
+    app = FastAPI(
+        title="encoder-service",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.authenticator = authenticator
+    install_problem_handlers(app)
+    app.add_middleware(MetricsMiddleware)
+    for router in ROUTERS:
+        app.include_router(router)
+    return app

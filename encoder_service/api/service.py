@@ -1,0 +1,231 @@
+"""What the API does, free of HTTP: resolve a version, read and decode embeddings, list manifests.
+
+Refusals are raised as :class:`ServiceError` subclasses; ``problems.py`` turns them into
+problem+json responses. Redis errors propagate unchanged (the API answers them with 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import redis.asyncio
+
+from encoder_service.registry import AsyncRegistry
+from encoder_service.store import (
+    AsyncEmbeddingStore,
+    CorruptEmbeddingError,
+    EmbeddingDtype,
+    decode_embedding,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """A refusal the caller can act on; ``context`` is echoed in the problem body."""
+
+    def __init__(self, detail: str, **context: str | int) -> None:
+        super().__init__(detail)
+        self.context = context
+
+
+class UnknownUserError(ServiceError):
+    pass
+
+
+class UnknownVersionError(ServiceError):
+    pass
+
+
+class RetiredVersionError(ServiceError):
+    pass
+
+
+class NoActiveVersionError(ServiceError):
+    pass
+
+
+class BatchTooLargeError(ServiceError):
+    pass
+
+
+class CorruptStoredEmbeddingError(ServiceError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class VersionInfo:
+    """What reading a version's embeddings needs from its manifest."""
+
+    version: str
+    dim: int
+    dtype: EmbeddingDtype
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEmbedding:
+    user_id: str
+    vector: np.ndarray  # float32, (dim,)
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    active: str | None
+    versions: dict[str, VersionInfo]
+    expires_at: float
+
+
+class VersionCache:
+    """The registry's active pointer and manifests, re-read at most once per ``ttl`` seconds.
+
+    Reading them per request would double the Redis round trips of a lookup. Concurrent
+    requests finding the snapshot stale share one reload instead of each starting their own.
+    """
+
+    def __init__(self, registry: AsyncRegistry, ttl: float) -> None:
+        self.registry = registry
+        self.ttl = ttl
+        self._snapshot: _Snapshot | None = None
+        self._reload: asyncio.Future[_Snapshot] | None = None
+
+    async def get(self) -> _Snapshot:
+        snapshot = self._snapshot
+        if snapshot is not None and time.monotonic() < snapshot.expires_at:
+            return snapshot
+        if self._reload is None:
+            self._reload = asyncio.ensure_future(self._load())
+            self._reload.add_done_callback(self._reloaded)
+        # A cancelled request must not cancel the reload other requests wait for.
+        return await asyncio.shield(self._reload)
+
+    def _reloaded(self, future: asyncio.Future[_Snapshot]) -> None:
+        self._reload = None
+        if not future.cancelled() and future.exception() is None:
+            self._snapshot = future.result()
+
+    async def _load(self) -> _Snapshot:
+        # Pointer first: versions are never deleted, so a version promoted between the two
+        # reads is already in the list, and the active version always has its manifest.
+        active = await self.registry.active()
+        manifests = await self.registry.list()
+        versions = {
+            m["version"]: VersionInfo(m["version"], m["embedding_dim"], m["dtype"], m["status"])
+            for m in manifests
+        }
+        return _Snapshot(active, versions, time.monotonic() + self.ttl)
+
+
+class EmbeddingService:
+    """Reads for the API over one pooled asyncio client."""
+
+    def __init__(
+        self, client: redis.asyncio.Redis, *, batch_limit: int, version_cache_ttl: float
+    ) -> None:
+        self.client = client
+        self.batch_limit = batch_limit
+        self.store = AsyncEmbeddingStore(client)
+        self.registry = AsyncRegistry(client)
+        self.versions = VersionCache(self.registry, version_cache_ttl)
+
+    async def resolve(self, version: str | None) -> VersionInfo:
+        """The version to read: ``version``, or the active one when None.
+
+        Raises:
+            UnknownVersionError, RetiredVersionError, NoActiveVersionError.
+        """
+        snapshot = await self.versions.get()
+        if version is None:
+            if snapshot.active is None:
+                raise NoActiveVersionError("no version is active; name one with `version=`")
+            version = snapshot.active
+        info = snapshot.versions.get(version)
+        if info is None:
+            raise UnknownVersionError(f"version {version!r} is not registered", version=version)
+        if info.status == "retired":
+            raise RetiredVersionError(
+                f"version {version!r} is retired and no longer served; pin a live version "
+                "(GET /v1/versions lists them)",
+                version=version,
+            )
+        return info
+
+    def _decode(self, info: VersionInfo, user_id: str, raw: bytes) -> StoredEmbedding:
+        try:
+            vector, updated_at = decode_embedding(raw, info.dim, info.dtype)
+        except CorruptEmbeddingError as exc:
+            log.error("user %r under version %r: %s", user_id, info.version, exc)
+            raise CorruptStoredEmbeddingError(
+                f"the stored embedding of user {user_id!r} under version {info.version!r} "
+                "is unreadable",
+                user_id=user_id,
+                version=info.version,
+            ) from exc
+        return StoredEmbedding(user_id, vector, updated_at)
+
+    async def embedding(self, info: VersionInfo, user_id: str) -> StoredEmbedding:
+        """One user's embedding; ``user_id`` must already match the store's id pattern.
+
+        Raises:
+            UnknownUserError: the user has no embedding under the version.
+        """
+        raw = await self.store.read_embedding(info.version, user_id)
+        if raw is None:
+            raise UnknownUserError(
+                f"user {user_id!r} has no embedding under version {info.version!r}",
+                user_id=user_id,
+                version=info.version,
+            )
+        return self._decode(info, user_id, raw)
+
+    async def embeddings(
+        self, info: VersionInfo, user_ids: Sequence[str]
+    ) -> tuple[list[StoredEmbedding], list[str]]:
+        """Found embeddings in ``user_ids`` order, and the ids without one, in order too.
+
+        Raises:
+            BatchTooLargeError: more ids than ``batch_limit``.
+        """
+        if len(user_ids) > self.batch_limit:
+            raise BatchTooLargeError(
+                f"{len(user_ids)} ids in one batch; at most {self.batch_limit} are allowed",
+                limit=self.batch_limit,
+            )
+        raws = await self.store.read_embeddings(info.version, user_ids) if user_ids else []
+        found: list[StoredEmbedding] = []
+        missing: list[str] = []
+        for user_id, raw in zip(user_ids, raws, strict=True):
+            if raw is None:
+                missing.append(user_id)
+            else:
+                found.append(self._decode(info, user_id, raw))
+        return found, missing
+
+    async def manifests(self) -> tuple[str | None, list[dict[str, Any]]]:
+        """The active version and every manifest, oldest first, read fresh from the registry."""
+        return await self.registry.active(), await self.registry.list()
+
+    async def manifest(self, version: str) -> dict[str, Any]:
+        """One manifest, retired ones included (they stay documented after they stop serving)."""
+        manifest = await self.registry.get(version)
+        if manifest is None:
+            raise UnknownVersionError(f"version {version!r} is not registered", version=version)
+        return manifest
+
+    async def active_version(self) -> str:
+        """The active version, read fresh: readiness must see Redis as it is now.
+
+        Raises:
+            NoActiveVersionError: Redis answers but no version is active.
+        """
+        active = await self.registry.active()
+        if active is None:
+            raise NoActiveVersionError("Redis is reachable but no version is active")
+        return active
