@@ -222,9 +222,9 @@ def get(
         (raw,) = EmbeddingStore(client).read_embeddings(chosen, [user_id])
     if raw is None:
         raise _fail(f"user {user_id!r} has no embedding in version {chosen!r}")
-    vector, updated_at = decode_embedding(raw, manifest["embedding_dim"], manifest["dtype"])
+    vector = decode_embedding(raw, manifest["embedding_dim"], manifest["dtype"])
     typer.echo(
-        f"user {user_id} version {chosen} dim {len(vector)} updated_at {updated_at:.0f}\n"
+        f"user {user_id} version {chosen} dim {len(vector)}\n"
         + np.array2string(vector, precision=4, max_line_width=100)
     )
 

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import numpy as np
 import redis
@@ -96,7 +97,8 @@ def publish_version(
             log.error("publish of %s failed; removing its partial keys", encoder.version)
             store.delete_version(encoder.version)
         raise
-    registry.register(artifacts.manifest, artifacts.model, artifacts.catalog, by=by)
+    manifest = {**artifacts.manifest, "published_at": datetime.now(UTC).isoformat()}
+    registry.register(manifest, artifacts.model, artifacts.catalog, by=by)
     if activate or (activate is None and registry.active() is None):
         registry.promote(encoder.version, by=by)
     seconds = time.perf_counter() - started

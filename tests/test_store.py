@@ -15,9 +15,12 @@ from encoder_service.store import (
     EmbeddingStore,
     InvalidIdError,
     decode_embedding,
+    decode_meta,
     embedding_key,
     encode_embedding,
     encode_embeddings,
+    encode_meta,
+    meta_key,
     state_key,
 )
 
@@ -35,27 +38,26 @@ def _users(n: int, prefix: str = "u") -> list[str]:
 @pytest.mark.parametrize(("dtype", "itemsize"), [("float32", 4), ("float16", 2)])
 def test_codec_round_trip(dtype: EmbeddingDtype, itemsize: int) -> None:
     vector = _matrix(1)[0]
-    raw = encode_embedding(vector, 1_700_000_000.25, dtype)
-    assert len(raw) == 8 + DIM * itemsize
-    decoded, updated_at = decode_embedding(raw, DIM, dtype)
+    raw = encode_embedding(vector, dtype)
+    assert len(raw) == DIM * itemsize
+    decoded = decode_embedding(raw, DIM, dtype)
     assert decoded.dtype == np.float32
-    assert updated_at == 1_700_000_000.25
     np.testing.assert_array_equal(decoded, vector.astype(dtype).astype(np.float32))
 
 
 def test_batch_encoding_matches_single_encoding() -> None:
     matrix = _matrix(5)
-    assert encode_embeddings(matrix, 3.0) == [encode_embedding(row, 3.0) for row in matrix]
+    assert encode_embeddings(matrix) == [encode_embedding(row) for row in matrix]
 
 
 def test_decoded_vector_is_writable_copy() -> None:
-    decoded, _ = decode_embedding(encode_embedding(_matrix(1)[0], 0.0), DIM)
+    decoded = decode_embedding(encode_embedding(_matrix(1)[0]), DIM)
     decoded[0] = 42.0  # a view on the bytes value would be read-only
     assert decoded[0] == 42.0
 
 
 @pytest.mark.parametrize(
-    ("raw_len", "dtype"), [(8 + DIM * 4 - 1, "float32"), (8 + DIM * 4, "float16"), (0, "float32")]
+    ("raw_len", "dtype"), [(DIM * 4 - 1, "float32"), (DIM * 4, "float16"), (0, "float32")]
 )
 def test_corrupt_length_raises(raw_len: int, dtype: EmbeddingDtype) -> None:
     with pytest.raises(CorruptEmbeddingError, match=f"{raw_len} bytes"):
@@ -64,14 +66,14 @@ def test_corrupt_length_raises(raw_len: int, dtype: EmbeddingDtype) -> None:
 
 def test_non_finite_and_float16_overflow_refused() -> None:
     with pytest.raises(ValueError, match="NaN or infinity"):
-        encode_embedding(np.full(DIM, np.nan, dtype=np.float32), 0.0)
+        encode_embedding(np.full(DIM, np.nan, dtype=np.float32))
     with pytest.raises(ValueError, match="NaN or infinity"):
-        encode_embedding(np.full(DIM, 1e6, dtype=np.float32), 0.0, "float16")
+        encode_embedding(np.full(DIM, 1e6, dtype=np.float32), "float16")
 
 
 def test_unknown_dtype_refused() -> None:
     with pytest.raises(ValueError, match="unknown embedding dtype"):
-        encode_embedding(np.zeros(DIM), 0.0, "int8")  # type: ignore[arg-type]
+        encode_embedding(np.zeros(DIM), "int8")  # type: ignore[arg-type]
 
 
 def test_keys_carry_the_user_hash_tag() -> None:
@@ -109,14 +111,11 @@ def test_write_and_read_10k_embeddings_exactly(
 ) -> None:
     store = EmbeddingStore(redis_client)
     users, matrix = _users(10_000), _matrix(10_000)
-    assert store.write_embeddings("v1", users, matrix, dtype=dtype, updated_at=5.0) == 10_000
+    assert store.write_embeddings("v1", users, matrix, dtype=dtype) == 10_000
     raws = store.read_embeddings("v1", users)
     decoded = [decode_embedding(raw, DIM, dtype) for raw in raws if raw is not None]
     assert len(decoded) == 10_000
-    np.testing.assert_array_equal(
-        np.stack([v for v, _ in decoded]), matrix.astype(dtype).astype(np.float32)
-    )
-    assert {t for _, t in decoded} == {5.0}
+    np.testing.assert_array_equal(np.stack(decoded), matrix.astype(dtype).astype(np.float32))
 
 
 def test_stored_keys_follow_the_layout(redis_client: redis.Redis) -> None:
@@ -167,11 +166,15 @@ async def test_async_reads_match_sync_writes(
     redis_client: redis.Redis, async_redis_client: redis.asyncio.Redis
 ) -> None:
     users, matrix = _users(100), _matrix(100)
-    EmbeddingStore(redis_client).write_embeddings("v1", users, matrix, updated_at=1.0)
+    EmbeddingStore(redis_client).write_embeddings("v1", users, matrix)
+    redis_client.set(meta_key("u7"), encode_meta(12.5, {"events:{0}": "1-0"}))
     store = AsyncEmbeddingStore(async_redis_client)
-    raw = await store.read_embedding("v1", "u7")
+    raw, meta = await store.read_embedding("v1", "u7")
     assert raw is not None
-    np.testing.assert_array_equal(decode_embedding(raw, DIM)[0], matrix[7])
-    assert await store.read_embedding("v1", "nobody") is None
-    raws = await store.read_embeddings("v1", [*users, "nobody"])
-    assert raws[:-1] == encode_embeddings(matrix, 1.0) and raws[-1] is None
+    np.testing.assert_array_equal(decode_embedding(raw, DIM), matrix[7])
+    assert decode_meta(meta) == (12.5, {"events:{0}": "1-0"})
+    assert await store.read_embedding("v1", "nobody") == (None, None)
+    pairs = await store.read_embeddings("v1", [*users, "nobody"])
+    assert [raw for raw, _ in pairs[:-1]] == encode_embeddings(matrix)
+    assert pairs[-1] == (None, None)
+    assert decode_meta(pairs[7][1])[0] == 12.5 and decode_meta(pairs[8][1]) == (0.0, {})

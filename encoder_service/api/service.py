@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from encoder_service.store import (
     CorruptEmbeddingError,
     EmbeddingDtype,
     decode_embedding,
+    decode_meta,
 )
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,8 @@ class VersionInfo:
     dim: int
     dtype: EmbeddingDtype
     status: str
+    published_at: float
+    """Unix seconds the version was published: a user's ``updated_at`` is never older."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +121,9 @@ class VersionCache:
         active = await self.registry.active()
         manifests = await self.registry.list()
         versions = {
-            m["version"]: VersionInfo(m["version"], m["embedding_dim"], m["dtype"], m["status"])
+            m["version"]: VersionInfo(
+                m["version"], m["embedding_dim"], m["dtype"], m["status"], _published_at(m)
+            )
             for m in manifests
         }
         return _Snapshot(active, versions, time.monotonic() + self.ttl)
@@ -157,9 +163,11 @@ class EmbeddingService:
             )
         return info
 
-    def _decode(self, info: VersionInfo, user_id: str, raw: bytes) -> StoredEmbedding:
+    def _decode(
+        self, info: VersionInfo, user_id: str, raw: bytes, meta: bytes | None
+    ) -> StoredEmbedding:
         try:
-            vector, updated_at = decode_embedding(raw, info.dim, info.dtype)
+            vector = decode_embedding(raw, info.dim, info.dtype)
         except CorruptEmbeddingError as exc:
             log.error("user %r under version %r: %s", user_id, info.version, exc)
             raise CorruptStoredEmbeddingError(
@@ -168,7 +176,8 @@ class EmbeddingService:
                 user_id=user_id,
                 version=info.version,
             ) from exc
-        return StoredEmbedding(user_id, vector, updated_at)
+        refreshed_at, _ = decode_meta(meta)
+        return StoredEmbedding(user_id, vector, max(info.published_at, refreshed_at))
 
     async def embedding(self, info: VersionInfo, user_id: str) -> StoredEmbedding:
         """One user's embedding; ``user_id`` must already match the store's id pattern.
@@ -176,14 +185,14 @@ class EmbeddingService:
         Raises:
             UnknownUserError: the user has no embedding under the version.
         """
-        raw = await self.store.read_embedding(info.version, user_id)
+        raw, meta = await self.store.read_embedding(info.version, user_id)
         if raw is None:
             raise UnknownUserError(
                 f"user {user_id!r} has no embedding under version {info.version!r}",
                 user_id=user_id,
                 version=info.version,
             )
-        return self._decode(info, user_id, raw)
+        return self._decode(info, user_id, raw, meta)
 
     async def embeddings(
         self, info: VersionInfo, user_ids: Sequence[str]
@@ -201,11 +210,11 @@ class EmbeddingService:
         raws = await self.store.read_embeddings(info.version, user_ids) if user_ids else []
         found: list[StoredEmbedding] = []
         missing: list[str] = []
-        for user_id, raw in zip(user_ids, raws, strict=True):
+        for user_id, (raw, meta) in zip(user_ids, raws, strict=True):
             if raw is None:
                 missing.append(user_id)
             else:
-                found.append(self._decode(info, user_id, raw))
+                found.append(self._decode(info, user_id, raw, meta))
         return found, missing
 
     async def manifests(self) -> tuple[str | None, list[dict[str, Any]]]:
@@ -229,3 +238,9 @@ class EmbeddingService:
         if active is None:
             raise NoActiveVersionError("Redis is reachable but no version is active")
         return active
+
+
+def _published_at(manifest: dict[str, Any]) -> float:
+    """When the version's embeddings were written; older manifests only have ``created_at``."""
+    stamp = manifest.get("published_at") or manifest.get("created_at")
+    return datetime.fromisoformat(stamp).timestamp() if stamp else 0.0

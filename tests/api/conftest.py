@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import httpx
 import numpy as np
@@ -64,8 +65,7 @@ def publish(
         version,
         users,
         matrix,
-        dtype=dtype,
-        updated_at=UPDATED_AT,  # type: ignore[arg-type]
+        dtype=dtype,  # type: ignore[arg-type]
     )
     manifest = {
         "version": version,
@@ -73,6 +73,7 @@ def publish(
         "dtype": dtype,
         "schema_hash": f"schema-{version}",
         "created_at": f"2024-06-0{seed + 1}T00:00:00+00:00",
+        "published_at": datetime.fromtimestamp(UPDATED_AT, tz=UTC).isoformat(),
         "metrics": {"reconstruction_loss": 0.1 * (seed + 1)},
         "parent_version": None,
     }
@@ -82,7 +83,7 @@ def publish(
     if promote:
         registry.promote(version, by="tests")
     raws = EmbeddingStore(client).read_embeddings(version, users)
-    return {u: decode_embedding(raw, DIM, dtype)[0] for u, raw in zip(users, raws, strict=True)}  # type: ignore[arg-type]
+    return {u: decode_embedding(raw, DIM, dtype) for u, raw in zip(users, raws, strict=True)}  # type: ignore[arg-type]
 
 
 @pytest.fixture
