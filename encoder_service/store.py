@@ -24,6 +24,8 @@ import orjson
 import redis
 import redis.asyncio
 
+from encoder_service.coalesce import CoalescingReader
+
 EmbeddingDtype = Literal["float32", "float16"]
 
 USER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")
@@ -262,14 +264,19 @@ class EmbeddingStore:
 
 
 class AsyncEmbeddingStore:
-    """The read side the API needs, over an asyncio client."""
+    """The read side the API needs, over an asyncio client.
+
+    Single-user reads go through a :class:`CoalescingReader`, so that concurrent requests
+    share one MGET instead of paying redis-py's per-command cost each.
+    """
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self.client = client
+        self._reader = CoalescingReader(client)
 
     async def read_embedding(self, version: str, user_id: str) -> tuple[bytes | None, bytes | None]:
         """The raw embedding and the user's meta record, in one MGET (one slot, one trip)."""
-        raw, meta = await self.client.mget(embedding_key(version, user_id), meta_key(user_id))
+        raw, meta = await self._reader.mget((embedding_key(version, user_id), meta_key(user_id)))
         return raw, meta
 
     async def read_embeddings(

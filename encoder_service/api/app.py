@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from encoder_service import __version__
 from encoder_service.api.auth import Authenticator
+from encoder_service.api.fastpath import EmbeddingFastPath
 from encoder_service.api.metrics import MetricsMiddleware
 from encoder_service.api.problems import install_problem_handlers
 from encoder_service.api.routes import ROUTERS
@@ -56,7 +57,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.authenticator = authenticator
     install_problem_handlers(app)
-    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(EmbeddingFastPath)
+    app.add_middleware(MetricsMiddleware)  # added last: outermost, so it times the fast path too
     for router in ROUTERS:
         app.include_router(router)
     return app

@@ -1,0 +1,71 @@
+"""Coalesce concurrent single-key reads into one MGET per event-loop turn.
+
+Under load the API's cost per request is dominated by redis-py's per-command work (building the
+command, the pool checkout, parsing), not by Redis. Requests that arrive in the same turn of the
+event loop ask for their keys here; one MGET fetches them all on the next turn and every waiter
+gets its slice. With one request in flight this adds one loop turn (microseconds); with 32 in
+flight it replaces 32 round trips by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import redis.asyncio
+
+MAX_KEYS_PER_MGET = 2048
+
+
+class CoalescingReader:
+    """``await reader.mget(keys)`` behaves like ``client.mget(keys)``, batched with its peers.
+
+    All keys of one call must live on one slot when the server is a cluster (a user's keys
+    share a hash tag); a cluster-aware version would group the batch by slot before sending.
+    """
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self.client = client
+        self._pending: list[tuple[Sequence[str], asyncio.Future[list[bytes | None]]]] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[bytes | None]] = loop.create_future()
+        self._pending.append((keys, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._pending, self._scheduled = self._pending, [], False
+        while batch:
+            chunk, size = [], 0
+            while batch and (not chunk or size + len(batch[0][0]) <= MAX_KEYS_PER_MGET):
+                keys, future = batch.pop(0)
+                chunk.append((keys, future))
+                size += len(keys)
+            task = asyncio.ensure_future(self._fetch(chunk))
+            self._tasks.add(task)  # keep a reference until done
+            task.add_done_callback(self._tasks.discard)
+
+    async def _fetch(
+        self, chunk: list[tuple[Sequence[str], asyncio.Future[list[bytes | None]]]]
+    ) -> None:
+        keys = [key for request_keys, _ in chunk for key in request_keys]
+        try:
+            values = await self.client.mget(keys)
+        except BaseException as exc:  # every waiter must hear about it, then re-raise
+            for _, future in chunk:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        offset = 0
+        for request_keys, future in chunk:
+            if not future.done():  # a cancelled request has no one waiting
+                future.set_result(values[offset : offset + len(request_keys)])
+            offset += len(request_keys)
