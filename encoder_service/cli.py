@@ -25,6 +25,8 @@ versions_app = typer.Typer(
     help="Inspect and manage published model versions.", no_args_is_help=True
 )
 app.add_typer(versions_app, name="versions")
+keys_app = typer.Typer(help="Create API keys for the REST API.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 log = logging.getLogger("encoder_service")
 
@@ -172,7 +174,7 @@ def _train_and_publish(
             f"published {report.users} users as {report.version} into {url} "
             f"({report.users_per_second:,.0f} users/s); active version: {report.active}\n"
             f"read one:  encoder-service get {sample} --version {report.version}\n"
-            f"serve:     encoder-service serve   then   "
+            f"serve:     ENCODER_AUTH_MODE=none encoder-service serve   then   "
             f"curl localhost:{settings.api_port}/v1/users/{sample}/embedding"
         )
 
@@ -247,6 +249,23 @@ def serve(
         port=port or settings.api_port,
         workers=workers or settings.api_workers,
     )
+
+
+@keys_app.command("new")
+def keys_new(
+    name: Annotated[str, typer.Argument(help="Who holds the key (appears in logs and metrics).")],
+    scope: Annotated[list[str], typer.Option(help="read, ingest or admin (repeatable).")] = [
+        "read"
+    ],  # noqa: B006 - typer reads the default, never mutates it
+) -> None:
+    """Create an API key: prints the key (give it to the caller) and its config entry."""
+    from encoder_service.api.auth import new_api_key
+
+    try:
+        key, entry = new_api_key(name, scope)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(f"key:   {key}\nentry: {entry}   (append to ENCODER_API_KEYS, comma-separated)")
 
 
 @versions_app.command("list")

@@ -74,11 +74,24 @@ def test_every_command_has_help() -> None:
         ["publish", "--help"],
         ["get", "--help"],
         ["serve", "--help"],
+        ["keys", "new", "--help"],
         ["versions", "list", "--help"],
     ):
         result = _run(*command)
         assert result.exit_code == 0, command
         assert "Usage" in result.output
+
+
+def test_keys_new_prints_a_key_whose_entry_authenticates_it() -> None:
+    from encoder_service.api.auth import Authenticator, parse_api_keys
+
+    result = _run("keys", "new", "recs", "--scope", "read", "--scope", "ingest")
+    assert result.exit_code == 0, result.stderr
+    lines = dict(line.split(":", 1) for line in result.output.splitlines())
+    key, entry = lines["key"].strip(), lines["entry"].split()[0]
+    principal = Authenticator(parse_api_keys(entry)).authenticate(key)
+    assert principal.name == "recs" and principal.scopes == {"read", "ingest"}
+    assert _run("keys", "new", "recs", "--scope", "root").exit_code != 0
 
 
 def test_train_publishes_and_get_reads_back(env: Path, redis_client: redis.Redis) -> None:
