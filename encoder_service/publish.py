@@ -1,10 +1,18 @@
 """Publish a model version: encode users with onnxruntime and bulk-load them into Redis.
 
-Order matters for safety. Everything that can be refused is checked before the first write (a
-version that exists with another schema is refused up front). Embeddings go under the new
-version's own keys, so readers of other versions never see them; the manifest is registered last
-and atomically, so a version becomes visible only once complete. If writing fails half-way the
-new version's keys are removed again, and the previously published versions are untouched.
+Two paths. :func:`publish_version` loads a training snapshot (states given by the caller): it
+checks everything that can be refused before the first write, writes under the new version's
+own keys, and registers the manifest last, so the version appears only once complete; a failure
+removes its partial keys and leaves other versions untouched.
+
+:func:`publish_from_live_states` fills a version from the feature states in Redis while the
+refresher keeps applying events. Registering last would lose those events for the new version,
+so it registers the version as ``shadow`` *first* (refreshers then encode every user they touch
+under it too) and backfills with writes guarded by WATCH on each user's state: an embedding is
+written only if the state it was computed from is still the current one, so the backfill never
+overwrites what a refresher wrote from a newer state. Events a refresher applied before it had
+loaded the new version are caught by a final pass over users whose ``meta.updated_at`` is not
+older than the registration, run once every refresher has had time to load the version.
 """
 
 from __future__ import annotations
@@ -14,17 +22,37 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import redis
 from tqdm import tqdm
 
+from encoder_service.alignment import KINDS, AlignmentError, AlignmentMap, align_versions
 from encoder_service.encoder import Encoder, ModelArtifacts
 from encoder_service.features.state import FeatureState
 from encoder_service.registry import Registry, SchemaMismatchError
-from encoder_service.store import EmbeddingStore
+from encoder_service.settings import get_settings
+from encoder_service.store import (
+    READ_BATCH,
+    EmbeddingStore,
+    decode_meta,
+    embedding_key,
+    encode_embeddings,
+    meta_key,
+    state_key,
+)
 
 log = logging.getLogger(__name__)
+
+MAX_CONFLICTS = 10
+CLOCK_SKEW_SECONDS = 60.0
+"""Refreshers stamp ``meta.updated_at`` with their own clock; the final pass looks this far back
+before the registration, so a refresher's slightly late clock cannot hide a user from it."""
+
+
+class PublishConflictError(RuntimeError):
+    """A user's state changed under every one of the backfill's tries."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +63,10 @@ class PublishReport:
     users: int
     seconds: float
     active: str | None
+    late_users: int = 0
+    """Users re-encoded by the final pass because events reached them during the backfill."""
+    alignment: dict[str, Any] | None = None
+    """Kind and held-out quality of the map to the parent version, when one was fitted."""
 
     @property
     def users_per_second(self) -> float:
@@ -71,13 +103,7 @@ def publish_version(
     encoder = Encoder(artifacts)
     registry = Registry(client)
     store = EmbeddingStore(client)
-    existing = registry.get(encoder.version)
-    if existing is not None and existing["schema_hash"] != artifacts.manifest["schema_hash"]:
-        raise SchemaMismatchError(
-            f"version {encoder.version!r} is already published with schema "
-            f"{existing['schema_hash']}; this model has {artifacts.manifest['schema_hash']}. "
-            "Publish it under a new version id."
-        )
+    existing = _existing(registry, artifacts)
     started = time.perf_counter()
     try:
         for lo, hi in _batches(len(user_ids), batch_size, progress, "publish"):
@@ -99,10 +125,13 @@ def publish_version(
         raise
     manifest = {**artifacts.manifest, "published_at": datetime.now(UTC).isoformat()}
     registry.register(manifest, artifacts.model, artifacts.catalog, by=by)
+    alignment = _align_to_parent(client, manifest)
     if activate or (activate is None and registry.active() is None):
         registry.promote(encoder.version, by=by)
     seconds = time.perf_counter() - started
-    report = PublishReport(encoder.version, len(user_ids), seconds, registry.active())
+    report = PublishReport(
+        encoder.version, len(user_ids), seconds, registry.active(), alignment=alignment
+    )
     log.info(
         "published %d users as %s in %.1fs (%.0f users/s)",
         report.users,
@@ -121,23 +150,146 @@ def publish_from_live_states(
     batch_size: int = 4096,
     by: str = "cli",
     progress: bool = True,
+    settle_seconds: float | None = None,
 ) -> PublishReport:
-    """Publish ``artifacts`` for every user whose feature state is in Redis right now."""
+    """Publish ``artifacts`` for every user whose feature state is in Redis, losing no event.
+
+    See the module docstring for the protocol. ``settle_seconds`` (default twice the
+    refresher's ``registry_poll_seconds`` plus one) is how long after registering the final
+    pass waits, so that every running refresher has loaded the new version by then.
+
+    Raises:
+        SchemaMismatchError: the version id exists with another schema hash.
+        SchemaHashMismatchError: this code does not build the model's feature schema.
+    """
+    encoder = Encoder(artifacts)
+    registry = Registry(client)
     store = EmbeddingStore(client)
-    user_ids = list(store.iter_state_users())
-    blobs = store.read_states(user_ids)
-    pairs = [(u, FeatureState.from_bytes(b)) for u, b in zip(user_ids, blobs, strict=True) if b]
-    return publish_version(
-        client,
-        artifacts,
-        [u for u, _ in pairs],
-        [s for _, s in pairs],
-        write_states=False,
-        activate=activate,
-        batch_size=batch_size,
-        by=by,
-        progress=progress,
+    existing = _existing(registry, artifacts)
+    if settle_seconds is None:
+        settle_seconds = 2 * get_settings().registry_poll_seconds + 1
+    started = time.perf_counter()
+    registered_at = time.time()
+    manifest = {**artifacts.manifest, "published_at": datetime.now(UTC).isoformat()}
+    registry.register(manifest, artifacts.model, artifacts.catalog, by=by)
+    try:
+        users = list(dict.fromkeys(store.iter_state_users()))
+        written = 0
+        for lo, hi in _batches(len(users), batch_size, progress, "backfill"):
+            written += _write_current(client, encoder, users[lo:hi])
+        time.sleep(max(0.0, registered_at + settle_seconds - time.time()))
+        late = _touched_since(client, registered_at - CLOCK_SKEW_SECONDS, set(users))
+        for lo in range(0, len(late), batch_size):
+            _write_current(client, encoder, late[lo : lo + batch_size])
+    except BaseException:
+        if existing is None:
+            log.error("publish of %s failed; removing it and its partial keys", encoder.version)
+            registry.unregister(encoder.version)
+            store.delete_version(encoder.version)
+        raise
+    alignment = _align_to_parent(client, manifest)
+    if activate or (activate is None and registry.active() is None):
+        registry.promote(encoder.version, by=by)
+    report = PublishReport(
+        encoder.version,
+        written + len(set(late) - set(users)),
+        time.perf_counter() - started,
+        registry.active(),
+        late_users=len(late),
+        alignment=alignment,
     )
+    log.info(
+        "published %d users as %s in %.1fs; %d re-encoded after live events",
+        report.users,
+        report.version,
+        report.seconds,
+        report.late_users,
+    )
+    return report
+
+
+def _existing(registry: Registry, artifacts: ModelArtifacts) -> dict[str, Any] | None:
+    """The stored manifest of the version, refusing one stored under another schema."""
+    version = artifacts.manifest["version"]
+    existing = registry.get(version)
+    if existing is not None and existing["schema_hash"] != artifacts.manifest["schema_hash"]:
+        raise SchemaMismatchError(
+            f"version {version!r} is already published with schema "
+            f"{existing['schema_hash']}; this model has {artifacts.manifest['schema_hash']}. "
+            "Publish it under a new version id."
+        )
+    return existing
+
+
+def _write_current(client: redis.Redis, encoder: Encoder, users: Sequence[str]) -> int:
+    """Encode ``users`` from their current states and write the embeddings, unless a state
+    changed meanwhile (WATCH); a conflicting batch is halved and retried. Returns users written.
+    """
+    for _ in range(MAX_CONFLICTS):
+        try:
+            return _try_write(client, encoder, users)
+        except redis.WatchError:
+            if len(users) > 1:
+                mid = len(users) // 2
+                return _write_current(client, encoder, users[:mid]) + _write_current(
+                    client, encoder, users[mid:]
+                )
+    raise PublishConflictError(f"user {users[0]!r} kept changing during {MAX_CONFLICTS} tries")
+
+
+def _try_write(client: redis.Redis, encoder: Encoder, users: Sequence[str]) -> int:
+    keys = [state_key(u) for u in users]
+    with client.pipeline(transaction=True) as pipe:
+        pipe.watch(*keys)
+        blobs = pipe.mget(keys)
+        present = [(u, b) for u, b in zip(users, blobs, strict=True) if b is not None]
+        if not present:
+            return 0
+        vectors = encoder.encode_states([FeatureState.from_bytes(b) for _, b in present])
+        values = encode_embeddings(vectors, encoder.dtype)  # type: ignore[arg-type]
+        pipe.multi()
+        keys = [embedding_key(encoder.version, u) for u, _ in present]
+        pipe.mset(dict(zip(keys, values, strict=True)))
+        pipe.execute()
+    return len(present)
+
+
+def _touched_since(client: redis.Redis, since: float, known: set[str]) -> list[str]:
+    """Users a refresher committed at or after ``since``, and users with a state the backfill
+    did not see (created during it)."""
+    store = EmbeddingStore(client)
+    users = list(dict.fromkeys(store.iter_state_users()))
+    late: list[str] = []
+    for lo in range(0, len(users), READ_BATCH):
+        chunk = users[lo : lo + READ_BATCH]
+        metas = client.mget([meta_key(u) for u in chunk])
+        for user, raw in zip(chunk, metas, strict=True):
+            if user not in known or decode_meta(raw)[0] >= since:
+                late.append(user)
+    return late
+
+
+def _align_to_parent(client: redis.Redis, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """Fit both kinds of map to the parent version and keep the better on held-out users.
+
+    A missing parent or too few shared users is logged, not fatal: the version is usable
+    without a map, only readers of the parent cannot ask for ``as=parent`` yet.
+    """
+    parent = manifest.get("parent_version")
+    if not parent:
+        return None
+    version = manifest["version"]
+    try:
+        maps: list[AlignmentMap] = [
+            align_versions(client, version, parent, kind)
+            for kind in KINDS  # type: ignore[arg-type]
+        ]
+    except (AlignmentError, LookupError) as exc:
+        log.warning("no alignment %s -> %s: %s", version, parent, exc)
+        return None
+    best = max(maps, key=lambda m: m.metrics["holdout_r2"])
+    Registry(client).set_alignment(version, parent, best.to_fields())
+    return {"kind": best.kind, **best.metrics}
 
 
 def _batches(n: int, size: int, progress: bool, label: str) -> Iterable[tuple[int, int]]:

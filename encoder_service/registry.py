@@ -1,4 +1,4 @@
-"""The version registry: manifests, lifecycle status and model artefacts, kept in Redis.
+"""The version registry: manifests, lifecycle status, read tracking, alignment maps, in Redis.
 
 Living in Redis rather than on a local disk, the registry is the same truth for the API, the
 refresher and the CLI, wherever they run. All its keys share the hash tag ``{registry}`` so that
@@ -6,12 +6,16 @@ a Redis Cluster keeps them on one slot and every change can be one MULTI/EXEC.
 
 A version moves ``shadow -> active -> deprecated -> retired``; at most one version is
 active, and the active pointer and the manifests change together, so a reader never sees an
-active version without its manifest, or two active ones.
+active version without its manifest, or two active ones. Each transition is planned by a pure
+function of the manifests and the pointer, and run under WATCH by a sync (CLI, publish) or an
+asyncio (API) executor, so that both sides obey exactly the same rules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar, cast, get_args
 
@@ -26,6 +30,8 @@ Status = Literal["shadow", "active", "deprecated", "retired"]
 STATUSES: tuple[str, ...] = get_args(Status)
 REQUIRED_FIELDS = ("version", "embedding_dim", "dtype", "schema_hash", "created_at")
 DTYPES = ("float32", "float16")
+RECENT_READ_SECONDS = 7 * 86_400
+"""A version read within this window has live readers, and retiring it needs ``force``."""
 
 VERSIONS_KEY = "{registry}:versions"
 ACTIVE_KEY = "{registry}:active"
@@ -39,6 +45,21 @@ def model_key(version: str) -> str:
 
 def catalog_key(version: str) -> str:
     return f"{{registry}}:catalog:{validate_version(version)}"
+
+
+def reads_key(version: str) -> str:
+    """Hash: API key name -> embeddings of ``version`` it has read (HINCRBY by the API)."""
+    return f"{{registry}}:reads:{validate_version(version)}"
+
+
+def read_at_key(version: str) -> str:
+    """Hash: API key name -> unix seconds of its latest read of ``version``."""
+    return f"{{registry}}:read-at:{validate_version(version)}"
+
+
+def alignment_key(source: str, target: str) -> str:
+    """Hash holding the map from ``source``'s embedding space to ``target``'s."""
+    return f"{{registry}}:align:{validate_version(source)}:{validate_version(target)}"
 
 
 class RegistryError(Exception):
@@ -63,8 +84,36 @@ class InvalidTransitionError(RegistryError, ValueError):
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class ReaderUsage:
+    """One API key's reads of a version: how many embeddings, and when it last read one."""
+
+    client: str
+    reads: int
+    last_read_at: float
+
+
+class VersionInUseError(RegistryError):
+    """Retiring a version that downstream readers used recently, without ``force``."""
+
+    def __init__(self, version: str, readers: list[ReaderUsage]) -> None:
+        names = ", ".join(
+            f"{r.client} ({r.reads} reads, last {_iso(r.last_read_at)})" for r in readers
+        )
+        super().__init__(
+            f"version {version!r} was read recently by {names}; move those readers to another "
+            "version first, or retire with force"
+        )
+        self.version = version
+        self.readers = readers
+
+
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _iso(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).isoformat(timespec="seconds")
 
 
 def _load(raw: bytes | str | None) -> dict[str, Any] | None:
@@ -91,8 +140,9 @@ def _sorted(raws: Iterable[bytes | str]) -> list[dict[str, Any]]:
     return sorted((orjson.loads(raw) for raw in raws), key=key)
 
 
-def _with_status(manifest: dict[str, Any], status: str, by: str) -> dict[str, Any]:
-    history = [*manifest.get("status_history", []), {"status": status, "at": _now(), "by": by}]
+def _with_status(manifest: dict[str, Any], status: str, by: str, **note: Any) -> dict[str, Any]:
+    entry = {"status": status, "at": _now(), "by": by, **note}
+    history = [*manifest.get("status_history", []), entry]
     return {**manifest, "status": status, "status_history": history}
 
 
@@ -110,6 +160,118 @@ def _validated(manifest: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in manifest.items() if k not in ("status", "status_history")}
 
 
+# --- transitions: pure plans over (manifests, active pointer) ---------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Change:
+    """What a transition writes: changed manifests and, if it moves, the new active pointer."""
+
+    result: dict[str, Any]
+    writes: tuple[dict[str, Any], ...] = ()
+    active: str | None = None
+
+
+Plan = Callable[[dict[str, dict[str, Any]], str | None], _Change]
+
+
+def _require(manifests: Mapping[str, dict[str, Any]], version: str) -> dict[str, Any]:
+    manifest = manifests.get(validate_version(version))
+    if manifest is None:
+        raise UnknownVersionError(version)
+    return manifest
+
+
+def _promote(version: str, by: str, **note: Any) -> Plan:
+    """Make ``version`` active and the previous active one ``deprecated``.
+
+    The new history entry names the version it replaced (``previous``), which is what a
+    rollback returns to.
+    """
+
+    def plan(manifests: dict[str, dict[str, Any]], active: str | None) -> _Change:
+        manifest = _require(manifests, version)
+        if active == version:
+            return _Change(manifest)
+        if manifest["status"] == "retired":
+            raise InvalidTransitionError(
+                f"version {version!r} is retired and no longer refreshed; set it to "
+                "'shadow' and refill it before promoting"
+            )
+        promoted = _with_status(manifest, "active", by, previous=active, **note)
+        writes = [promoted]
+        if active is not None:
+            writes.append(_with_status(_require(manifests, active), "deprecated", by))
+        return _Change(promoted, tuple(writes), version)
+
+    return plan
+
+
+def _rollback(by: str) -> Plan:
+    """Promote again the version the active one replaced."""
+
+    def plan(manifests: dict[str, dict[str, Any]], active: str | None) -> _Change:
+        if active is None:
+            raise InvalidTransitionError("no version is active; there is nothing to roll back")
+        history = _require(manifests, active)["status_history"]
+        entries = [h for h in history if h["status"] == "active"]
+        previous = entries[-1].get("previous") if entries else None
+        if previous is None:
+            raise InvalidTransitionError(
+                f"version {active!r} replaced no other version; promote one explicitly"
+            )
+        return _promote(previous, by, rollback_of=active)(manifests, active)
+
+    return plan
+
+
+def _set_status(version: str, status: str, by: str, **note: Any) -> Plan:
+    def plan(manifests: dict[str, dict[str, Any]], active: str | None) -> _Change:
+        manifest = _require(manifests, version)
+        if active == version:
+            raise InvalidTransitionError(
+                f"version {version!r} is active; promote another version first"
+            )
+        if manifest["status"] == status:
+            return _Change(manifest)
+        changed = _with_status(manifest, status, by, **note)
+        return _Change(changed, (changed,))
+
+    return plan
+
+
+def _check_status(status: str) -> None:
+    if status not in STATUSES:
+        raise InvalidTransitionError(f"unknown status {status!r}; use one of {STATUSES}")
+
+
+def _manifests(raw: Mapping[bytes, bytes]) -> dict[str, dict[str, Any]]:
+    return {k.decode(): orjson.loads(v) for k, v in raw.items()}
+
+
+def _queue(pipe: Any, change: _Change) -> None:
+    for changed in change.writes:
+        pipe.hset(VERSIONS_KEY, changed["version"], _dump(changed))
+    if change.active is not None:
+        pipe.set(ACTIVE_KEY, change.active)
+
+
+def _readers(
+    counts: Mapping[bytes, bytes], read_at: Mapping[bytes, bytes], since: float = 0.0
+) -> list[ReaderUsage]:
+    """Readers whose latest read is at or after ``since``, most recent first."""
+    usage = [
+        ReaderUsage(name.decode(), int(counts.get(name, 0)), float(at))
+        for name, at in read_at.items()
+        if float(at) >= since
+    ]
+    return sorted(usage, key=lambda r: r.last_read_at, reverse=True)
+
+
+def _decode_fields(raw: Mapping[bytes, bytes]) -> dict[str, bytes] | None:
+    return {k.decode(): v for k, v in raw.items()} or None
+
+
 class Registry:
     """Registers versions and moves them through their lifecycle, over a sync client."""
 
@@ -124,6 +286,15 @@ class Registry:
         # redis-py types ``fn`` as returning None although it hands back its result.
         result = self.client.transaction(cast(Any, fn), *watched, value_from_callable=True)
         return cast(T, result)
+
+    def _apply(self, plan: Plan) -> dict[str, Any]:
+        def fn(pipe: Pipeline) -> dict[str, Any]:
+            change = plan(_manifests(pipe.hgetall(VERSIONS_KEY)), _text(pipe.get(ACTIVE_KEY)))
+            pipe.multi()
+            _queue(pipe, change)
+            return change.result
+
+        return self._transaction(fn, VERSIONS_KEY, ACTIVE_KEY)
 
     def register(
         self, manifest: dict[str, Any], model_bytes: bytes, catalog_bytes: bytes, *, by: str = "cli"
@@ -158,6 +329,25 @@ class Registry:
 
         return self._transaction(fn, VERSIONS_KEY)
 
+    def unregister(self, version: str) -> None:
+        """Remove a ``shadow`` version's manifest and artefacts: undo a publish that failed.
+
+        Raises:
+            InvalidTransitionError: the version is not ``shadow`` (someone may rely on it).
+        """
+
+        def fn(pipe: Pipeline) -> None:
+            manifest = _load(pipe.hget(VERSIONS_KEY, validate_version(version)))
+            if manifest is None:
+                return
+            if manifest["status"] != "shadow":
+                raise InvalidTransitionError(f"version {version!r} is {manifest['status']}")
+            pipe.multi()
+            pipe.hdel(VERSIONS_KEY, version)
+            pipe.delete(model_key(version), catalog_key(version))
+
+        self._transaction(fn, VERSIONS_KEY, ACTIVE_KEY)
+
     def get(self, version: str) -> dict[str, Any] | None:
         return _load(self.client.hget(VERSIONS_KEY, validate_version(version)))
 
@@ -168,72 +358,87 @@ class Registry:
     def active(self) -> str | None:
         return _text(self.client.get(ACTIVE_KEY))
 
-    def _require(self, pipe: Pipeline, version: str) -> dict[str, Any]:
-        manifest = _load(pipe.hget(VERSIONS_KEY, validate_version(version)))
-        if manifest is None:
-            raise UnknownVersionError(version)
-        return manifest
-
     def promote(self, version: str, *, by: str) -> dict[str, Any]:
         """Make ``version`` the active one; the previous active version becomes ``deprecated``.
 
         The pointer and both manifests change in one MULTI/EXEC under WATCH. Promoting the
-        active version again changes nothing; promoting a deprecated one is the rollback.
+        active version again changes nothing; promoting a deprecated one is a rollback.
 
         Raises:
             UnknownVersionError: no such version.
             InvalidTransitionError: the version is retired (no longer kept fresh).
         """
+        return self._apply(_promote(version, by))
 
-        def fn(pipe: Pipeline) -> dict[str, Any]:
-            manifest = self._require(pipe, version)
-            previous_id = _text(pipe.get(ACTIVE_KEY))
-            if previous_id == version:
-                return manifest
-            if manifest["status"] == "retired":
-                raise InvalidTransitionError(
-                    f"version {version!r} is retired and no longer refreshed; set it to "
-                    "'shadow' and refill it before promoting"
-                )
-            promoted = _with_status(manifest, "active", by)
-            changes = [promoted]
-            if previous_id is not None:
-                changes.append(_with_status(self._require(pipe, previous_id), "deprecated", by))
-            pipe.multi()
-            for changed in changes:
-                pipe.hset(VERSIONS_KEY, changed["version"], _dump(changed))
-            pipe.set(ACTIVE_KEY, version)
-            return promoted
+    def rollback(self, *, by: str) -> dict[str, Any]:
+        """Promote again the version the active one replaced, atomically; returns its manifest.
 
-        return self._transaction(fn, VERSIONS_KEY, ACTIVE_KEY)
+        Raises:
+            InvalidTransitionError: nothing is active, the active version replaced none, or
+                the one it replaced has been retired since.
+        """
+        return self._apply(_rollback(by))
 
     def set_status(self, version: str, status: str, *, by: str) -> dict[str, Any]:
         """Move ``version`` to ``status``; ``active`` goes through :meth:`promote`.
+
+        The low-level move: :meth:`retire` adds the guard against retiring a version that is
+        still read, and is what the CLI and the API use.
 
         Raises:
             UnknownVersionError: no such version.
             InvalidTransitionError: ``status`` is unknown, or ``version`` is the active one
                 (promote another version first, so that some version is always active).
         """
-        if status not in STATUSES:
-            raise InvalidTransitionError(f"unknown status {status!r}; use one of {STATUSES}")
+        _check_status(status)
         if status == "active":
             return self.promote(version, by=by)
+        return self._apply(_set_status(version, status, by))
 
-        def fn(pipe: Pipeline) -> dict[str, Any]:
-            manifest = self._require(pipe, version)
-            if _text(pipe.get(ACTIVE_KEY)) == version:
-                raise InvalidTransitionError(
-                    f"version {version!r} is active; promote another version first"
-                )
-            if manifest["status"] == status:
-                return manifest
-            changed = _with_status(manifest, status, by)
-            pipe.multi()
-            pipe.hset(VERSIONS_KEY, version, _dump(changed))
-            return changed
+    def deprecate(self, version: str, *, by: str) -> dict[str, Any]:
+        """Mark ``version`` as on its way out: still refreshed and served, no longer promoted."""
+        return self.set_status(version, "deprecated", by=by)
 
-        return self._transaction(fn, VERSIONS_KEY, ACTIVE_KEY)
+    def retire(
+        self,
+        version: str,
+        *,
+        by: str,
+        force: bool = False,
+        recent_seconds: float = RECENT_READ_SECONDS,
+    ) -> dict[str, Any]:
+        """Stop refreshing and serving ``version``, unless downstream readers still use it.
+
+        Raises:
+            VersionInUseError: an API key read it within ``recent_seconds`` and not ``force``;
+                the error names who. With ``force`` the history records who was cut off.
+            UnknownVersionError, InvalidTransitionError: as :meth:`set_status`.
+        """
+        readers = self.readers(version, since=time.time() - recent_seconds)
+        if readers and not force:
+            raise VersionInUseError(version, readers)
+        note = {"forced_past": [r.client for r in readers]} if readers else {}
+        return self._apply(_set_status(version, "retired", by, **note))
+
+    def readers(self, version: str, *, since: float = 0.0) -> list[ReaderUsage]:
+        """API keys that read ``version`` at or after ``since`` (unix seconds), latest first."""
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(reads_key(version))
+            pipe.hgetall(read_at_key(version))
+            counts, read_at = pipe.execute()
+        return _readers(counts, read_at, since)
+
+    def set_alignment(self, source: str, target: str, fields: Mapping[str, bytes]) -> None:
+        """Store the map from ``source``'s space to ``target``'s, replacing any previous one."""
+        key = alignment_key(source, target)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            pipe.hset(key, mapping=dict(fields))
+            pipe.execute()
+
+    def alignment(self, source: str, target: str) -> dict[str, bytes] | None:
+        """The stored fields of the ``source`` -> ``target`` map, or None."""
+        return _decode_fields(self.client.hgetall(alignment_key(source, target)))
 
     def _artefact(self, key: str, version: str) -> bytes:
         raw = self.client.get(key)
@@ -251,7 +456,7 @@ class Registry:
 
 
 class AsyncRegistry:
-    """The read side the API needs, over an asyncio client."""
+    """What the API needs, over an asyncio client: reads, lifecycle moves, read tracking."""
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self.client = client
@@ -265,3 +470,66 @@ class AsyncRegistry:
 
     async def active(self) -> str | None:
         return _text(await self.client.get(ACTIVE_KEY))
+
+    async def _apply(self, plan: Plan) -> dict[str, Any]:
+        async with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(VERSIONS_KEY, ACTIVE_KEY)
+                    manifests = _manifests(await pipe.hgetall(VERSIONS_KEY))
+                    change = plan(manifests, _text(await pipe.get(ACTIVE_KEY)))
+                    pipe.multi()
+                    _queue(pipe, change)
+                    await pipe.execute()
+                    return change.result
+                except redis.WatchError:
+                    await pipe.reset()
+
+    async def promote(self, version: str, *, by: str) -> dict[str, Any]:
+        """See :meth:`Registry.promote`."""
+        return await self._apply(_promote(version, by))
+
+    async def rollback(self, *, by: str) -> dict[str, Any]:
+        """See :meth:`Registry.rollback`."""
+        return await self._apply(_rollback(by))
+
+    async def deprecate(self, version: str, *, by: str) -> dict[str, Any]:
+        """See :meth:`Registry.deprecate`."""
+        return await self._apply(_set_status(version, "deprecated", by))
+
+    async def retire(
+        self,
+        version: str,
+        *,
+        by: str,
+        force: bool = False,
+        recent_seconds: float = RECENT_READ_SECONDS,
+    ) -> dict[str, Any]:
+        """See :meth:`Registry.retire`."""
+        readers = await self.readers(version, since=time.time() - recent_seconds)
+        if readers and not force:
+            raise VersionInUseError(version, readers)
+        note = {"forced_past": [r.client for r in readers]} if readers else {}
+        return await self._apply(_set_status(version, "retired", by, **note))
+
+    async def readers(self, version: str, *, since: float = 0.0) -> list[ReaderUsage]:
+        """See :meth:`Registry.readers`."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(reads_key(version))
+            pipe.hgetall(read_at_key(version))
+            counts, read_at = await pipe.execute()
+        return _readers(counts, read_at, since)
+
+    async def record_reads(self, counts: Mapping[tuple[str, str], int], at: float) -> None:
+        """Add ``(version, client) -> n`` read counts and stamp each client's latest read."""
+        if not counts:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for (version, client), n in counts.items():
+            pipe.hincrby(reads_key(version), client, n)
+            pipe.hset(read_at_key(version), client, repr(at))
+        await pipe.execute()
+
+    async def alignment(self, source: str, target: str) -> dict[str, bytes] | None:
+        """See :meth:`Registry.alignment`."""
+        return _decode_fields(await self.client.hgetall(alignment_key(source, target)))

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -71,6 +73,61 @@ class Settings(BaseSettings):
     )
     api_access_log: bool = Field(
         default=False, description="Log every request (costs a noticeable share of throughput)."
+    )
+
+    # --- refresher ---------------------------------------------------------------------------
+    stream_shards: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Event streams `events:{0}` .. `events:{N-1}`; a user always maps to one "
+        "(crc32 of the id), so its events stay ordered. Producers and refreshers must agree.",
+    )
+    stream_maxlen: int = Field(
+        default=1_000_000,
+        ge=1000,
+        description="Approximate cap (`MAXLEN ~`) of each event stream and of `events:dead`; "
+        "entries trimmed before a refresher reads them are lost.",
+    )
+    consumer_group: str = Field(default="refresh", description="One consumer group per deployment.")
+    consumer_name: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        description="This refresher's name in the group; a stable name lets a restarted "
+        "process resume its own pending entries at once instead of after `claim_idle_ms`.",
+    )
+    batch_max_events: int = Field(default=512, ge=1, description="Flush a batch at this size.")
+    batch_max_wait_ms: int = Field(
+        default=50, ge=0, description="Flush a batch this long after its first event arrived."
+    )
+    block_ms: int = Field(
+        default=1000,
+        ge=1,
+        le=4000,
+        description="Longest XREADGROUP block; below the client's 5 s socket timeout.",
+    )
+    claim_idle_ms: int = Field(
+        default=30_000,
+        ge=1,
+        description="Pending entries idle this long (a dead or stuck consumer) are claimed.",
+    )
+    max_deliveries: int = Field(
+        default=5,
+        ge=1,
+        description="An entry that fails after this many deliveries goes to `events:dead`.",
+    )
+    idempotency_ttl_seconds: int = Field(
+        default=86_400,
+        ge=1,
+        description="How long an event's `idempotency_key` is remembered per user.",
+    )
+    refresher_metrics_host: str = Field(
+        default="127.0.0.1", description="Bind address of the refresher's /metrics and /readyz."
+    )
+    refresher_metrics_port: int = Field(
+        default=9108, ge=0, description="Port of the refresher's /metrics and /readyz; 0 = none."
+    )
+    registry_poll_seconds: float = Field(
+        default=2.0, gt=0, description="How often the refresher looks for new or retired versions."
     )
 
 

@@ -38,14 +38,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with resolve_redis_url(settings) as url:
             client = async_client(url)
-            app.state.service = EmbeddingService(
+            app.state.service = service = EmbeddingService(
                 client,
                 batch_limit=settings.batch_limit,
                 version_cache_ttl=settings.api_version_cache_ttl,
             )
+            service.reads.start()
             try:
                 yield
             finally:
+                await service.reads.stop()
                 await client.aclose()
 
     app = FastAPI(

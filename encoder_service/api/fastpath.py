@@ -97,6 +97,7 @@ class EmbeddingFastPath:
         except Exception:  # noqa: BLE001 - Redis trouble: the app answers it as a problem
             return False
         metrics.record_served(info.version, principal.name, 1)
+        service.reads.count(info.version, principal.name)
         scope.setdefault("state", {})["version"] = info.version
         scope["route"] = _ROUTE
         if binary:

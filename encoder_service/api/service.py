@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import redis.asyncio
 
+from encoder_service.alignment import AlignmentMap
+from encoder_service.api.reads import ReadTracker
 from encoder_service.registry import AsyncRegistry
 from encoder_service.store import (
     AsyncEmbeddingStore,
@@ -51,6 +53,10 @@ class RetiredVersionError(ServiceError):
 
 class NoActiveVersionError(ServiceError):
     pass
+
+
+class NoAlignmentError(UnknownVersionError):
+    """``as=`` names a version no map from the read version leads to."""
 
 
 class BatchTooLargeError(ServiceError):
@@ -110,6 +116,10 @@ class VersionCache:
         # A cancelled request must not cancel the reload other requests wait for.
         return await asyncio.shield(self._reload)
 
+    def invalidate(self) -> None:
+        """Forget the snapshot: this process made a lifecycle change and must see it at once."""
+        self._snapshot = None
+
     def _reloaded(self, future: asyncio.Future[_Snapshot]) -> None:
         self._reload = None
         if not future.cancelled() and future.exception() is None:
@@ -140,6 +150,9 @@ class EmbeddingService:
         self.store = AsyncEmbeddingStore(client)
         self.registry = AsyncRegistry(client)
         self.versions = VersionCache(self.registry, version_cache_ttl)
+        self.reads = ReadTracker(self.registry)
+        self._alignments: dict[tuple[str, str], tuple[float, AlignmentMap]] = {}
+        self._alignment_ttl = version_cache_ttl
 
     async def resolve(self, version: str | None) -> VersionInfo:
         """The version to read: ``version``, or the active one when None.
@@ -216,6 +229,29 @@ class EmbeddingService:
             else:
                 found.append(self._decode(info, user_id, raw, meta))
         return found, missing
+
+    async def alignment(self, info: VersionInfo, target: str) -> AlignmentMap:
+        """The map from ``info``'s space to ``target``'s, cached like the version list.
+
+        ``target`` may be retired: reading an old space from a live version is the point.
+
+        Raises:
+            NoAlignmentError: no map from ``info.version`` to ``target`` is stored.
+        """
+        key = (info.version, target)
+        cached = self._alignments.get(key)
+        if cached is not None and time.monotonic() < cached[0]:
+            return cached[1]
+        fields = await self.registry.alignment(info.version, target)
+        if fields is None:
+            raise NoAlignmentError(
+                f"no alignment from version {info.version!r} to {target!r}; an operator "
+                f"creates one with `encoder-service versions align {info.version} {target}`",
+                version=info.version,
+            )
+        mapping = AlignmentMap.from_fields(fields)
+        self._alignments[key] = (time.monotonic() + self._alignment_ttl, mapping)
+        return mapping
 
     async def manifests(self) -> tuple[str | None, list[dict[str, Any]]]:
         """The active version and every manifest, oldest first, read fresh from the registry."""

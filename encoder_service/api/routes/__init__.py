@@ -2,6 +2,6 @@
 route's ``path`` is then the template metrics are labelled with, and requests are matched
 without an extra level of router nesting."""
 
-from encoder_service.api.routes import embeddings, health, versions
+from encoder_service.api.routes import admin, embeddings, health, versions
 
-ROUTERS = (embeddings.router, versions.router, health.router)
+ROUTERS = (embeddings.router, versions.router, admin.router, health.router)

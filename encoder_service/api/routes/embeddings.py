@@ -52,6 +52,19 @@ VersionQuery = Annotated[
         examples=["v1"],
     ),
 ]
+AsQuery = Annotated[
+    str | None,
+    Query(
+        alias="as",
+        pattern=VERSION_REGEX,
+        max_length=64,
+        description="Map the embedding into this (possibly retired) version's space with the "
+        "stored alignment; the body then names it as `version` and the one read as "
+        "`aligned_from`.",
+        examples=["v1"],
+    ),
+]
+ALIGNED_FROM_HEADER = "X-Embedding-Aligned-From"
 UserIdPath = Annotated[
     str, Path(pattern=USER_ID_REGEX, max_length=128, description="The user.", examples=["u42"])
 ]
@@ -93,6 +106,7 @@ async def read_embedding(
     request: Request,
     reader: Reader,
     version: VersionQuery = None,
+    as_: AsQuery = None,
 ) -> Response:
     """Read one user's embedding."""
     service = service_of(request)
@@ -100,17 +114,25 @@ async def read_embedding(
     metrics.tag_version(request, info.version)
     stored = await service.embedding(info, user_id)
     metrics.record_served(info.version, reader.name, 1)
+    service.reads.count(info.version, reader.name)
+    vector, served_as = stored.vector, info.version
+    if as_ is not None:
+        vector, served_as = (await service.alignment(info, as_)).apply(vector), as_
+    aligned = {"aligned_from": info.version} if as_ is not None else {}
     media_type = negotiate(request.headers.get("accept") or JSON)
     if media_type != JSON:
-        return binary_embedding(
-            stored.vector, media_type, version=info.version, updated_at=stored.updated_at
+        response = binary_embedding(
+            vector, media_type, version=served_as, updated_at=stored.updated_at
         )
+        response.headers.update({ALIGNED_FROM_HEADER: info.version} if aligned else {})
+        return response
     body = {
         "user_id": user_id,
-        "version": info.version,
-        "dim": info.dim,
-        "embedding": stored.vector,
+        "version": served_as,
+        "dim": len(vector),
+        "embedding": vector,
         "updated_at": stored.updated_at,
+        **aligned,
     }
     return JSONBytesResponse(body, headers={"Vary": "Accept"})
 
@@ -127,6 +149,7 @@ async def read_embeddings(batch: BatchRequest, request: Request, reader: Reader)
     metrics.tag_version(request, info.version)
     found, missing = await service.embeddings(info, batch.user_ids)
     metrics.record_served(info.version, reader.name, len(found), len(missing))
+    service.reads.count(info.version, reader.name, len(found))
     body = {
         "version": info.version,
         "dim": info.dim,
