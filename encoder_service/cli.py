@@ -14,17 +14,18 @@ import numpy as np
 import typer
 
 from encoder_service.data.contract import ContractError
+from encoder_service.refresher.cli import deadletters_app, refresh
 from encoder_service.settings import Settings, get_settings
+from encoder_service.versions_cli import app as versions_app
 
 app = typer.Typer(
     help="Learn one dense embedding per user, publish it to Redis, serve and refresh it.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-versions_app = typer.Typer(
-    help="Inspect and manage published model versions.", no_args_is_help=True
-)
 app.add_typer(versions_app, name="versions")
+app.command()(refresh)
+app.add_typer(deadletters_app, name="deadletters")
 keys_app = typer.Typer(help="Create API keys for the REST API.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
@@ -254,48 +255,19 @@ def serve(
 @keys_app.command("new")
 def keys_new(
     name: Annotated[str, typer.Argument(help="Who holds the key (appears in logs and metrics).")],
-    scope: Annotated[list[str], typer.Option(help="read, ingest or admin (repeatable).")] = [
-        "read"
-    ],  # noqa: B006 - typer reads the default, never mutates it
+    scope: Annotated[
+        list[str] | None, typer.Option(help="read, ingest or admin (repeatable; default read).")
+    ] = None,
 ) -> None:
     """Create an API key: prints the key (give it to the caller) and its config entry."""
     from encoder_service.api.auth import new_api_key
 
     try:
-        key, entry = new_api_key(name, scope)
+        key, entry = new_api_key(name, scope or ["read"])
     except ValueError as exc:
         raise _fail(str(exc)) from exc
     typer.echo(f"key:   {key}\nentry: {entry}   (append to ENCODER_API_KEYS, comma-separated)")
 
 
-@versions_app.command("list")
-def versions_list() -> None:
-    """List published versions with their status."""
-    from encoder_service.redis_connection import resolve_redis_url, sync_client
-    from encoder_service.registry import Registry
-
-    with resolve_redis_url(get_settings()) as url:
-        registry = Registry(sync_client(url))
-        manifests = registry.list()
-        active = registry.active()
-    for m in manifests:
-        marker = "*" if m["version"] == active else " "
-        typer.echo(
-            f"{marker} {m['version']:<12} {m['status']:<10} dim={m['embedding_dim']:<4} "
-            f"{m['schema_hash'][:19]}  {m['created_at']}"
-        )
-
-
-@versions_app.command("show")
-def versions_show(version: Annotated[str, typer.Argument(help="Version id.")]) -> None:
-    """Print one version's manifest as JSON."""
-    import json
-
-    from encoder_service.redis_connection import resolve_redis_url, sync_client
-    from encoder_service.registry import Registry
-
-    with resolve_redis_url(get_settings()) as url:
-        manifest = Registry(sync_client(url)).get(version)
-    if manifest is None:
-        raise _fail(f"no such version: {version!r}")
-    typer.echo(json.dumps(manifest, indent=2))
+if __name__ == "__main__":
+    app()

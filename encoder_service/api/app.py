@@ -13,7 +13,7 @@ from encoder_service.api.auth import Authenticator
 from encoder_service.api.fastpath import EmbeddingFastPath
 from encoder_service.api.metrics import MetricsMiddleware
 from encoder_service.api.problems import install_problem_handlers
-from encoder_service.api.routes import ROUTERS
+from encoder_service.api.routes import ROUTERS, events
 from encoder_service.api.service import EmbeddingService
 from encoder_service.redis_connection import async_client, resolve_redis_url
 from encoder_service.settings import Settings, get_settings
@@ -63,4 +63,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware)  # added last: outermost, so it times the fast path too
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(events.router)
     return app

@@ -1,0 +1,315 @@
+"""Apply one batch of stream entries exactly once: states, embeddings, last ids and acks together.
+
+Delivery is at-least-once (a consumer can die after reading and before acknowledging), so the
+effect is made exactly-once here, from three rules:
+
+1. **One transaction.** A user's new state, its embedding under every live version, and its
+   ``meta:{user}`` record (the last applied entry id per stream) are written in the same
+   MULTI/EXEC as the XACK of the entries and the XADD of any dead letters. A crash leaves either
+   all of it or none of it.
+2. **Skip what is applied.** An entry whose id is at or below its user's last applied id for that
+   stream is acknowledged without being applied again; so is an event whose idempotency key the
+   user already used (``idem:{user}:<key>``, written in the same transaction).
+3. **Apply a user's entries in id order.** Rule 2 is only sound if no entry of a user is applied
+   while an older one of the same stream is still unapplied, which a dead consumer's pending
+   entries, or an entry left pending after a failure, could otherwise break. Entries are
+   delivered in id order, so such an older entry can only be pending (delivered, not yet
+   acknowledged) somewhere. The batch therefore *borrows* every older pending entry of its users
+   from wherever it is pending, and applies each user's entries in id order. Borrowing does not
+   claim: the entry stays where it is, and if its owner commits it first, rule 2 and the WATCH
+   below make the second commit a no-op for it.
+
+The state read, the apply and the write run under WATCH of the users' state and meta keys:
+should another consumer commit one of these users meanwhile, EXEC fails and the batch is read
+and applied again, so that commit is never overwritten.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+import redis
+from redis.client import Pipeline
+
+from encoder_service.data.contract import ContractError, Event, parse_event
+from encoder_service.encoder import Encoder
+from encoder_service.events import fields_to_raw
+from encoder_service.features.state import FeatureState
+from encoder_service.refresher.deadletter import DeadLetter, queue_dead_letter
+from encoder_service.store import (
+    decode_meta,
+    embedding_key,
+    encode_embeddings,
+    encode_meta,
+    meta_key,
+    state_key,
+)
+
+MAX_CONFLICT_RETRIES = 10
+
+
+class CommitConflictError(RuntimeError):
+    """Other writers kept changing this batch's users; the entries stay pending for a retry."""
+
+
+def parse_id(entry_id: str) -> tuple[int, int]:
+    """A stream id ``<ms>-<seq>`` as a tuple that compares the way Redis orders ids."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def idempotency_key(user_id: str, key: str) -> str:
+    """Where a user's used idempotency key is remembered; the user's hash tag keeps it on the
+    slot of the user's state, inside the same transaction."""
+    return f"idem:{{{user_id}}}:{key}"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    """A validated event and the stream entry it came from."""
+
+    stream: str
+    entry_id: str
+    event: Event
+
+
+@dataclass
+class Batch:
+    """What one commit resolves: events to apply, entries to dead-letter, entries just to ack
+    (trimmed from the stream before they were read)."""
+
+    events: list[StreamEvent] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    acks: list[tuple[str, str]] = field(default_factory=list)
+
+    def entry_ids(self) -> dict[str, set[str]]:
+        """Stream -> every entry id this batch holds."""
+        ids: dict[str, set[str]] = {}
+        for e in self.events:
+            ids.setdefault(e.stream, set()).add(e.entry_id)
+        for d in self.dead:
+            ids.setdefault(d.stream, set()).add(d.entry_id)
+        for stream, entry_id in self.acks:
+            ids.setdefault(stream, set()).add(entry_id)
+        return ids
+
+    def __len__(self) -> int:
+        return len(self.events) + len(self.dead) + len(self.acks)
+
+
+@dataclass
+class CommitResult:
+    applied: list[StreamEvent] = field(default_factory=list)
+    duplicates: list[StreamEvent] = field(default_factory=list)
+    """Acknowledged without being applied: already applied, or an idempotency key reused."""
+    borrowed: list[StreamEvent] = field(default_factory=list)
+    """Older pending entries of the batch's users, taken from outside the batch (rule 3)."""
+    dead: list[DeadLetter] = field(default_factory=list)
+    trimmed: int = 0
+    users: list[str] = field(default_factory=list)
+    """Users re-encoded, once each however many of their events the batch held."""
+    committed_at: float = 0.0
+    conflicts: int = 0
+
+    def extend(self, other: CommitResult) -> None:
+        """Fold in the result of another commit of the same batch's entries."""
+        self.applied += other.applied
+        self.duplicates += other.duplicates
+        self.borrowed += other.borrowed
+        self.dead += other.dead
+        self.trimmed += other.trimmed
+        self.users += other.users
+        self.committed_at = max(self.committed_at, other.committed_at)
+        self.conflicts += other.conflicts
+
+
+@dataclass
+class _UserPlan:
+    state: FeatureState
+    last_ids: dict[str, str]
+    new_keys: list[str] = field(default_factory=list)
+
+
+def commit_batch(
+    client: redis.Redis,
+    batch: Batch,
+    encoders: Mapping[str, Encoder],
+    *,
+    group: str,
+    idempotency_ttl: int,
+    dead_maxlen: int,
+) -> CommitResult:
+    """Resolve every entry of ``batch`` in one transaction.
+
+    Args:
+        encoders: version -> encoder, every live version; each user touched is re-encoded by all.
+
+    Raises:
+        CommitConflictError: WATCH kept failing ``MAX_CONFLICT_RETRIES`` times.
+        redis.RedisError, ValueError: nothing was written; the entries stay pending.
+    """
+    borrowed = _older_pending(client, group, batch)
+    events = sorted([*batch.events, *borrowed], key=lambda e: (e.stream, parse_id(e.entry_id)))
+    result = CommitResult(borrowed=borrowed, dead=list(batch.dead), trimmed=len(batch.acks))
+    users = list(dict.fromkeys(e.event.user_id for e in events))
+    watched = [k for u in users for k in (state_key(u), meta_key(u))]
+    catalogs = {e.catalog_id: e.catalog for e in encoders.values()}
+    with client.pipeline(transaction=True) as pipe:
+        for attempt in range(MAX_CONFLICT_RETRIES):
+            try:
+                if watched:
+                    pipe.watch(*watched)
+                plans = _plan(pipe, users, events, catalogs, result)
+                result.committed_at = time.time()
+                pipe.multi()
+                _queue_users(pipe, plans, encoders, result.committed_at, idempotency_ttl)
+                _queue_acks(pipe, group, batch, borrowed)
+                for dead in batch.dead:
+                    queue_dead_letter(pipe, dead, maxlen=dead_maxlen)
+                pipe.execute()
+                result.users = list(plans)
+                result.conflicts = attempt
+                return result
+            except redis.WatchError:
+                pipe.reset()
+                result.applied.clear()
+                result.duplicates.clear()
+    raise CommitConflictError(
+        f"{len(users)} users kept changing under {MAX_CONFLICT_RETRIES} commit attempts"
+    )
+
+
+def _older_pending(client: redis.Redis, group: str, batch: Batch) -> list[StreamEvent]:
+    """Entries pending outside ``batch``, on its streams, of its users, older than their newest
+    entry in it (rule 3).
+
+    In the steady state the only pending entries are the batch's own, so this costs two
+    XPENDING round trips. Entries trimmed from the stream, or breaking the contract, are left to
+    whoever holds them: they change no state.
+    """
+    ids = batch.entry_ids()
+    newest: dict[tuple[str, str], tuple[int, int]] = {}
+    for e in batch.events:
+        key = (e.stream, e.event.user_id)
+        newest[key] = max(newest.get(key, (0, 0)), parse_id(e.entry_id))
+    streams = list(dict.fromkeys(e.stream for e in batch.events))
+    if not streams:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for stream in streams:
+        pipe.xpending(stream, group)
+    totals = [int(summary["pending"]) for summary in pipe.execute()]
+    for stream, total in zip(streams, totals, strict=True):
+        pipe.xpending_range(stream, group, "-", max(ids[stream], key=parse_id), max(total, 1))
+    others = [
+        (stream, row["message_id"].decode())
+        for stream, rows in zip(streams, pipe.execute(), strict=True)
+        for row in rows
+        if row["message_id"].decode() not in ids[stream]
+    ]
+    if not others:
+        return []
+    for stream, entry_id in others:
+        pipe.xrange(stream, min=entry_id, max=entry_id)
+    borrowed: list[StreamEvent] = []
+    for (stream, entry_id), found in zip(others, pipe.execute(), strict=True):
+        if not found:
+            continue
+        try:
+            event = parse_event(fields_to_raw(found[0][1]))
+        except ContractError:
+            continue
+        if parse_id(entry_id) < newest.get((stream, event.user_id), (0, 0)):
+            borrowed.append(StreamEvent(stream, entry_id, event))
+    return borrowed
+
+
+def _plan(
+    pipe: Pipeline,
+    users: Sequence[str],
+    events: Sequence[StreamEvent],
+    catalogs: Mapping,
+    result: CommitResult,
+) -> dict[str, _UserPlan]:
+    """Read the users' states and last ids (immediate mode, under WATCH) and apply the events
+    not yet applied; returns the users with at least one event applied."""
+    if not users:
+        return {}
+    states = cast(list[bytes | None], pipe.mget([state_key(u) for u in users]))
+    metas = cast(list[bytes | None], pipe.mget([meta_key(u) for u in users]))
+    keyed = list(
+        dict.fromkeys(
+            (e.event.user_id, e.event.idempotency_key)
+            for e in events
+            if e.event.idempotency_key is not None
+        )
+    )
+    used = pipe.mget([idempotency_key(u, k) for u, k in keyed]) if keyed else []
+    seen = {pair for pair, raw in zip(keyed, used, strict=True) if raw is not None}
+    stored = {u: (s, decode_meta(m)[1]) for u, s, m in zip(users, states, metas, strict=True)}
+    plans: dict[str, _UserPlan] = {}
+    last_ids: dict[str, dict[str, str]] = {u: last for u, (_, last) in stored.items()}
+    for e in events:
+        user = e.event.user_id
+        last = last_ids[user].get(e.stream)
+        key = e.event.idempotency_key
+        if last is not None and parse_id(e.entry_id) <= parse_id(last):
+            result.duplicates.append(e)
+            continue
+        last_ids[user][e.stream] = e.entry_id
+        if key is not None and (user, key) in seen:
+            result.duplicates.append(e)
+            continue
+        plan = plans.get(user)
+        if plan is None:
+            raw = stored[user][0]
+            state = FeatureState.from_bytes(raw) if raw is not None else FeatureState()
+            plan = plans[user] = _UserPlan(state, last_ids[user])
+        plan.state.apply(e.event, catalogs)
+        if key is not None:
+            seen.add((user, key))
+            plan.new_keys.append(key)
+        result.applied.append(e)
+    return plans
+
+
+def _queue_users(
+    pipe: Pipeline,
+    plans: Mapping[str, _UserPlan],
+    encoders: Mapping[str, Encoder],
+    committed_at: float,
+    idempotency_ttl: int,
+) -> None:
+    """Queue each planned user's state, embeddings under every version, meta and used keys."""
+    if not plans:
+        return
+    users = list(plans)
+    states = [plans[u].state for u in users]
+    values: dict[str, list[bytes]] = {
+        version: encode_embeddings(encoder.encode_states(states), encoder.dtype)  # type: ignore[arg-type]
+        for version, encoder in encoders.items()
+    }
+    writes: dict[str, bytes] = {}
+    for row, user in enumerate(users):
+        plan = plans[user]
+        writes[state_key(user)] = plan.state.to_bytes()
+        for version, rows in values.items():
+            writes[embedding_key(version, user)] = rows[row]
+        writes[meta_key(user)] = encode_meta(committed_at, plan.last_ids)
+    pipe.mset(writes)  # type: ignore[arg-type]
+    for user in users:
+        for key in plans[user].new_keys:
+            pipe.set(idempotency_key(user, key), b"1", ex=idempotency_ttl)
+
+
+def _queue_acks(pipe: Pipeline, group: str, batch: Batch, borrowed: Sequence[StreamEvent]) -> None:
+    """XACK every entry of the batch and every borrowed one, one command per stream."""
+    ids = batch.entry_ids()
+    for e in borrowed:
+        ids.setdefault(e.stream, set()).add(e.entry_id)
+    for stream, entry_ids in ids.items():
+        if entry_ids:
+            pipe.xack(stream, group, *sorted(entry_ids, key=parse_id))

@@ -1,0 +1,182 @@
+"""Crash safety: a refresher process SIGKILLed at random points while events flow, then
+restarted, ends with every event applied exactly once and nothing pending."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from encoder_service.data.contract import Event
+from encoder_service.encoder import Encoder
+from encoder_service.events import append_events, stream_for, stream_keys
+from encoder_service.refresher.commit import parse_id
+from encoder_service.refresher.deadletter import count_dead_letters
+from encoder_service.training.pipeline import TrainedVersion
+from tests.refresher.conftest import (
+    assert_same_state,
+    drained,
+    expected_embedding,
+    last_ids,
+    replay_once,
+    repo_root,
+    stored_embedding,
+    stored_state,
+    wait_until,
+)
+
+SHARDS = 2
+KILLS = 5
+
+
+def _workload(trained: TrainedVersion, seed: int) -> list[Event]:
+    rng = np.random.default_rng(seed)
+    users = list(trained.user_ids[:40]) + [f"crash-new-{k}" for k in range(10)]
+    events = []
+    for _ in range(4000):
+        user = users[int(rng.integers(len(users)))]
+        profile = {"age": float(rng.integers(18, 80))} if user.startswith("crash-new") else {}
+        events.append(
+            Event(
+                user_id=user,
+                item_id=f"item-{int(rng.integers(200))}",
+                timestamp=1_718_000_000.0 + float(rng.uniform(0, 30 * 86_400)),
+                weight=float(rng.choice([0.5, 1.0, 2.0])),
+                profile=profile,
+            )
+        )
+    return events
+
+
+@contextmanager
+def _refresher(redis_url: str, consumer: str, log: Path) -> Iterator[subprocess.Popen]:
+    env = {
+        **os.environ,
+        "ENCODER_REDIS_URL": redis_url,
+        "ENCODER_STREAM_SHARDS": str(SHARDS),
+        "ENCODER_CLAIM_IDLE_MS": "300",
+        "ENCODER_MAX_DELIVERIES": "100",  # kills must never turn a valid event into a dead letter
+        "ENCODER_BATCH_MAX_EVENTS": "64",
+        "ENCODER_BATCH_MAX_WAIT_MS": "5",
+        "ENCODER_BLOCK_MS": "100",
+    }
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "encoder_service.refresher.cli", "refresh"]
+            + ["--consumer", consumer, "--metrics-port", "0"],
+            cwd=repo_root(),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+
+
+def _reading(client: redis.Redis, consumer: str, since: float) -> bool:
+    """The process started at ``since`` reads as ``consumer`` on every shard: past start-up.
+
+    A restart may reuse a name the group knows, so the consumer must have been seen since.
+    """
+    for stream in stream_keys(SHARDS):
+        try:
+            seen = {
+                c["name"].decode(): c["idle"] for c in client.xinfo_consumers(stream, "refresh")
+            }
+        except redis.ResponseError:
+            return False
+        if seen.get(consumer, float("inf")) > (time.monotonic() - since) * 1000:
+            return False
+    return True
+
+
+def _pending(client: redis.Redis, consumer: str) -> int:
+    total = 0
+    for stream in stream_keys(SHARDS):
+        for row in client.xpending(stream, "refresh")["consumers"]:
+            if row["name"].decode() == consumer:
+                total += int(row["pending"])
+    return total
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_neither_loses_nor_duplicates_an_event(
+    redis_client: redis.Redis,
+    redis_url: str,
+    encoders: dict[str, Encoder],
+    trained: TrainedVersion,
+    tmp_path: Path,
+) -> None:
+    events = _workload(trained, seed=11)
+    users = sorted({e.user_id for e in events})
+    before = {u: stored_state(redis_client, u) for u in users}
+    ids: list[str] = []
+    kills_done = threading.Event()
+
+    def produce() -> None:
+        """Bursts of 100, so that a refresher spends a good part of its time mid-batch."""
+        for start in range(0, len(events), 100):
+            if kills_done.is_set():
+                return
+            burst = events[start : start + 100]
+            ids.extend(append_events(redis_client, burst, shards=SHARDS, maxlen=10**6))
+            time.sleep(0.1)
+
+    rng = np.random.default_rng(5)
+    producer = threading.Thread(target=produce)
+    producer.start()
+    log = tmp_path / "refresher.log"
+    orphaned = []
+    # Even runs reuse the name (the restart drains its own pending entries); odd runs are new
+    # consumers, whose orphans a later one claims.
+    for run in range(KILLS):
+        consumer = "crashy" if run % 2 == 0 else f"crashy-{run}"
+        started = time.monotonic()
+        with _refresher(redis_url, consumer, log) as process:
+            wait_until(lambda c=consumer, t=started: _reading(redis_client, c, t), timeout=30)
+            # Kill somewhere in or just after a batch: between XREADGROUP and EXEC is the
+            # interesting window, and a uniformly random moment would mostly find it idle.
+            wait_until(lambda c=consumer: _pending(redis_client, c) > 0, timeout=30)
+            time.sleep(float(rng.uniform(0, 0.02)))
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=10)
+            orphaned.append(_pending(redis_client, consumer))
+    kills_done.set()
+    producer.join()
+    started = time.monotonic()
+    with _refresher(redis_url, "crashy", log) as process:
+        wait_until(lambda: _reading(redis_client, "crashy", started), timeout=30)
+        wait_until(lambda: drained(redis_client, stream_keys(SHARDS)), timeout=60)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0, log.read_text()[-3000:]
+
+    assert sum(orphaned) > 0, "no kill left entries pending: the test proved nothing"
+    events = events[: len(ids)]
+    assert len(ids) == len(events)
+    assert count_dead_letters(redis_client) == 0
+    for user in users:
+        mine = [(i, e) for i, e in zip(ids, events, strict=True) if e.user_id == user]
+        expected = replay_once(before[user], [e for _, e in mine], encoders["v1"])
+        state = stored_state(redis_client, user)
+        assert_same_state(state, expected)
+        newest = max((i for i, _ in mine), key=parse_id)
+        assert last_ids(redis_client, user) == {stream_for(user, SHARDS): newest}
+        for version, encoder in encoders.items():
+            stored = stored_embedding(redis_client, version, user)
+            np.testing.assert_allclose(
+                stored, expected_embedding(encoder, expected), rtol=1e-3, atol=1e-3
+            )
