@@ -18,9 +18,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml
+$(STAMP): $(BIN)/python pyproject.toml downstream_adapters/pyproject.toml
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e '.[train,dev]'
+	$(BIN)/python -m pip install --quiet -e './downstream_adapters[torch,eval]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -30,7 +31,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check encoder_service tests benchmarks
+	$(BIN)/ruff check encoder_service downstream_adapters tests benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/stage1_bench.py --json benchmarks/results/stage1.json
