@@ -54,7 +54,7 @@ def aggregates(tables: Tables, user_ids: list[str]) -> np.ndarray:
         }
     ).reindex(user_ids)
     times = pd.to_datetime(events["timestamp"], unit="s", utc=True)
-    slot = (times.dt.dayofweek * 24 + times.dt.hour).to_numpy()
+    slot = (times.dt.day_of_week * 24 + times.dt.hour).to_numpy()
     heat = pd.crosstab(events["user_id"], slot).reindex(index=user_ids, columns=range(168))
     heat = heat.fillna(0.0)
     heat = heat.div(heat.sum(axis=1).replace(0, 1), axis=0)

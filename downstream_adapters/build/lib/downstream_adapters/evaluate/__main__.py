@@ -1,0 +1,3 @@
+from downstream_adapters.evaluate.cli import main
+
+raise SystemExit(main())
