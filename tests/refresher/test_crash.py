@@ -1,5 +1,9 @@
 """Crash safety: a refresher process SIGKILLed at random points while events flow, then
-restarted, ends with every event applied exactly once and nothing pending."""
+restarted, ends with every event applied exactly once and nothing pending.
+
+A few thousand events over a few hundred users, so that a batch of 64 holds mostly distinct
+users and a kill lands in a commit touching many of them, not in the coalescing of one.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from tests.refresher.conftest import (
     drained,
     expected_embedding,
     last_ids,
+    pending_count,
     replay_once,
     repo_root,
     stored_embedding,
@@ -36,14 +41,20 @@ from tests.refresher.conftest import (
 )
 
 SHARDS = 2
-KILLS = 5
+KILLS = 12
+EVENTS = 6000
+NEW_USERS = 60
+BURST = 40
+BURST_EVERY_S = 0.1
+"""400 events/s: the stream keeps flowing through the ~12 restarts (a process starts in about a
+second), so most kills find a batch in flight."""
 
 
 def _workload(trained: TrainedVersion, seed: int) -> list[Event]:
     rng = np.random.default_rng(seed)
-    users = list(trained.user_ids[:40]) + [f"crash-new-{k}" for k in range(10)]
+    users = list(trained.user_ids) + [f"crash-new-{k}" for k in range(NEW_USERS)]
     events = []
-    for _ in range(4000):
+    for _ in range(EVENTS):
         user = users[int(rng.integers(len(users)))]
         profile = {"age": float(rng.integers(18, 80))} if user.startswith("crash-new") else {}
         events.append(
@@ -124,17 +135,17 @@ def test_sigkill_at_random_points_neither_loses_nor_duplicates_an_event(
     events = _workload(trained, seed=11)
     users = sorted({e.user_id for e in events})
     before = {u: stored_state(redis_client, u) for u in users}
+    assert len(users) >= 300
     ids: list[str] = []
-    kills_done = threading.Event()
+    produced = threading.Event()
 
     def produce() -> None:
-        """Bursts of 100, so that a refresher spends a good part of its time mid-batch."""
-        for start in range(0, len(events), 100):
-            if kills_done.is_set():
-                return
-            burst = events[start : start + 100]
+        """Bursts, so that a refresher spends a good part of its time mid-batch."""
+        for start in range(0, len(events), BURST):
+            burst = events[start : start + BURST]
             ids.extend(append_events(redis_client, burst, shards=SHARDS, maxlen=10**6))
-            time.sleep(0.1)
+            time.sleep(BURST_EVERY_S)
+        produced.set()
 
     rng = np.random.default_rng(5)
     producer = threading.Thread(target=produce)
@@ -150,26 +161,44 @@ def test_sigkill_at_random_points_neither_loses_nor_duplicates_an_event(
             wait_until(lambda c=consumer, t=started: _reading(redis_client, c, t), timeout=30)
             # Kill somewhere in or just after a batch: between XREADGROUP and EXEC is the
             # interesting window, and a uniformly random moment would mostly find it idle.
-            wait_until(lambda c=consumer: _pending(redis_client, c) > 0, timeout=30)
-            time.sleep(float(rng.uniform(0, 0.02)))
+            # Once the producer is done there may be nothing left to catch mid-batch: the kill
+            # then lands at a random moment of the drain or of idling.
+            wait_until(
+                lambda c=consumer: _pending(redis_client, c) > 0 or produced.is_set(),
+                timeout=30,
+            )
+            time.sleep(float(rng.uniform(0, 0.02 if not produced.is_set() else 0.3)))
             process.send_signal(signal.SIGKILL)
             process.wait(timeout=10)
             orphaned.append(_pending(redis_client, consumer))
-    kills_done.set()
-    producer.join()
     started = time.monotonic()
     with _refresher(redis_url, "crashy", log) as process:
         wait_until(lambda: _reading(redis_client, "crashy", started), timeout=30)
+        producer.join()  # the last process runs while the rest of the log streams in
         wait_until(lambda: drained(redis_client, stream_keys(SHARDS)), timeout=60)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0, log.read_text()[-3000:]
 
-    assert sum(orphaned) > 0, "no kill left entries pending: the test proved nothing"
     events = events[: len(ids)]
     assert len(ids) == len(events)
+    by_user: dict[str, list[tuple[str, Event]]] = {}
+    for i, e in zip(ids, events, strict=True):
+        by_user.setdefault(e.user_id, []).append((i, e))
+    applied = sum(
+        stored_state(redis_client, u).count - (before[u].count if before[u] else 0)  # type: ignore[union-attr]
+        for u in by_user
+    )
+    pending = pending_count(redis_client, stream_keys(SHARDS))
+    print(
+        f"\ncrash test: {len(events)} events, {len(by_user)} users, {len(orphaned)} kills "
+        f"({sum(1 for o in orphaned if o)} mid-batch, {sum(orphaned)} entries orphaned), "
+        f"{applied} applied, {pending} pending, {count_dead_letters(redis_client)} dead letters"
+    )
+    assert len(orphaned) >= 10 and len(by_user) >= 300
+    assert sum(orphaned) > 0, "no kill left entries pending: the test proved nothing"
+    assert applied == len(events) and pending == 0
     assert count_dead_letters(redis_client) == 0
-    for user in users:
-        mine = [(i, e) for i, e in zip(ids, events, strict=True) if e.user_id == user]
+    for user, mine in by_user.items():
         expected = replay_once(before[user], [e for _, e in mine], encoders["v1"])
         state = stored_state(redis_client, user)
         assert_same_state(state, expected)
