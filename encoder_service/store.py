@@ -147,6 +147,26 @@ def decode_embedding(raw: bytes, dim: int, dtype: EmbeddingDtype = "float32") ->
     return np.frombuffer(raw, dtype=dt, count=dim).astype(np.float32)
 
 
+def decode_embeddings(
+    raws: Sequence[bytes], dim: int, dtype: EmbeddingDtype = "float32"
+) -> np.ndarray:
+    """Many values at once as a float32 ``(n, dim)`` matrix: one buffer, one conversion.
+
+    Raises:
+        CorruptEmbeddingError: naming the position of the first value of the wrong length.
+    """
+    dt = _dtype(dtype)
+    expected = dim * dt.itemsize
+    for position, raw in enumerate(raws):
+        if len(raw) != expected:
+            raise CorruptEmbeddingError(
+                f"embedding value {position} is {len(raw)} bytes, expected {expected} "
+                f"({dim} x {dtype})"
+            )
+    joined = b"".join(raws)
+    return np.frombuffer(joined, dtype=dt).reshape(len(raws), dim).astype(np.float32)
+
+
 def meta_key(user_id: str) -> str:
     return f"meta:{{{validate_user_id(user_id)}}}"
 

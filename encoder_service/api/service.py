@@ -25,6 +25,7 @@ from encoder_service.store import (
     CorruptEmbeddingError,
     EmbeddingDtype,
     decode_embedding,
+    decode_embeddings,
     decode_meta,
 )
 
@@ -220,14 +221,20 @@ class EmbeddingService:
                 f"{len(user_ids)} ids in one batch; at most {self.batch_limit} are allowed",
                 limit=self.batch_limit,
             )
-        raws = await self.store.read_embeddings(info.version, user_ids) if user_ids else []
-        found: list[StoredEmbedding] = []
-        missing: list[str] = []
-        for user_id, (raw, meta) in zip(user_ids, raws, strict=True):
-            if raw is None:
-                missing.append(user_id)
-            else:
-                found.append(self._decode(info, user_id, raw, meta))
+        pairs = await self.store.read_embeddings(info.version, user_ids) if user_ids else []
+        hits = [(u, raw, meta) for u, (raw, meta) in zip(user_ids, pairs, strict=True) if raw]
+        missing = [u for u, (raw, _) in zip(user_ids, pairs, strict=True) if raw is None]
+        try:
+            matrix = decode_embeddings([raw for _, raw, _ in hits], info.dim, info.dtype)
+        except CorruptEmbeddingError:
+            # Name the user: decode one by one, the first corrupt value raises with its id.
+            for user_id, raw, meta in hits:
+                self._decode(info, user_id, raw, meta)
+            raise
+        found = [
+            StoredEmbedding(user_id, matrix[row], max(info.published_at, decode_meta(meta)[0]))
+            for row, (user_id, _, meta) in enumerate(hits)
+        ]
         return found, missing
 
     async def alignment(self, info: VersionInfo, target: str) -> AlignmentMap:
