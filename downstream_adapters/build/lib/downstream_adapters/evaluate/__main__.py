@@ -1,3 +1,0 @@
-from downstream_adapters.evaluate.cli import main
-
-raise SystemExit(main())
