@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from downstream_adapters.heads.base import ClassifierHead
-from downstream_adapters.heads.episodes import support_subset, train_episodic
+from downstream_adapters.heads.episodic_head import EpisodicHead
 
 
 class _Relation(nn.Module):
@@ -43,57 +42,10 @@ class _Relation(nn.Module):
         return self.episode_logits(x, self.support, self.support_y, self.n_classes)
 
 
-class RelationHead(ClassifierHead):
+class RelationHead(EpisodicHead):
     """Few-shot classifier scoring queries against stored class prototypes."""
 
     kind = "relation"
 
-    def __init__(
-        self,
-        *,
-        hidden: int = 64,
-        episodes: int = 300,
-        shots: int = 5,
-        queries: int = 5,
-        lr: float = 1e-3,
-        l2: float = 1e-4,
-        noise: float = 0.1,
-        max_support: int = 100,
-        **base: object,
-    ) -> None:
-        super().__init__(  # type: ignore[arg-type]
-            hidden=hidden,
-            episodes=episodes,
-            shots=shots,
-            queries=queries,
-            lr=lr,
-            l2=l2,
-            noise=noise,
-            max_support=max_support,
-            **base,
-        )
-
     def _build(self, dim: int, n_classes: int) -> nn.Module:
         return _Relation(dim, self.config["hidden"], n_classes)
-
-    def _train(self, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> None:
-        assert self.module is not None
-        c = self.config
-        train_episodic(
-            self.module,
-            x,
-            y,
-            weights,
-            episodes=c["episodes"],
-            shots=c["shots"],
-            queries=c["queries"],
-            lr=c["lr"],
-            weight_decay=c["l2"],
-            noise=c["noise"],
-            seed=c["seed"],
-        )
-        rows = torch.from_numpy(
-            support_subset(y.numpy(), len(weights), c["max_support"], c["seed"])
-        )
-        self.module.support = x[rows].clone()
-        self.module.support_y = y[rows].clone()
