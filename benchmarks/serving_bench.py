@@ -463,9 +463,13 @@ CLOSED_CASES = (
     ("service", "batch_100", "service batch, 100 ids"),
     ("service", "batch_1000", "service batch, 1,000 ids"),
 )
+# (server, request, label): each paced at half the service's closed-loop maximum for that
+# request. The bare app at the service's rate is the control: the p99 this machine and client
+# give at that load with no framework at all.
 PACED_CASES = (
-    ("get_json", "service GET, JSON, at 50% of max"),
-    ("batch_1000", "service batch, 1,000 ids, at 50% of max"),
+    ("service", "get_json", "service GET, JSON, at 50% of max"),
+    ("bare", "get_json", "bare ASGI GET, JSON, at the same rate (control)"),
+    ("service", "batch_1000", "service batch, 1,000 ids, at 50% of max"),
 )
 
 
@@ -476,19 +480,19 @@ def bench_workers(bench: Bench, workers: int, ports: dict[str, int]) -> dict[str
         if name in ports:
             result = bench.closed(ports[name], SPECS[key])
             results[f"{name}_{key}"] = bench.row(f"{name}_{key}.w{workers}", label, workers, result)
-    for key, label in PACED_CASES:
+    for name, key, label in PACED_CASES:
         rate = max(1.0, results[f"service_{key}"].rps * PACED_FRACTION)
-        paced = bench.paced(ports["service"], SPECS[key], rate)
+        paced = bench.paced(ports[name], SPECS[key], rate)
         note = (
             f"open loop at {rate:,.0f}/s; client send lag p99 "
             f"{paced.extra['send_lag_p99_ms']:.2f} ms, p99 from actual send "
             f"{paced.extra['service_p99_ms']:.2f} ms"
         )
-        name = f"service_{key}_paced.w{workers}"
-        results[f"service_{key}_paced"] = bench.row(name, label, workers, paced, note)
-        bench.report.add_figure(f"{name}.rate", rate, "req/s")
-        bench.report.add_figure(f"{name}.send_lag_p99", paced.extra["send_lag_p99_ms"], "ms")
-        bench.report.add_figure(f"{name}.p99_from_send", paced.extra["service_p99_ms"], "ms")
+        figure = f"{name}_{key}_paced.w{workers}"
+        results[f"{name}_{key}_paced"] = bench.row(figure, label, workers, paced, note)
+        bench.report.add_figure(f"{figure}.rate", rate, "req/s")
+        bench.report.add_figure(f"{figure}.send_lag_p99", paced.extra["send_lag_p99_ms"], "ms")
+        bench.report.add_figure(f"{figure}.p99_from_send", paced.extra["service_p99_ms"], "ms")
     return results
 
 

@@ -73,6 +73,8 @@ def _feature_definitions(dim: int) -> str:
 
         user = Entity(name="user_id", join_keys=["user_id"], value_type=ValueType.STRING)
 
+        # A feature view needs a batch source; the benchmark never materialises from it but
+        # writes the online store directly with write_to_online_store.
         source = FileSource(
             name="user_embeddings",
             path="data/users.parquet",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import math
 import random
@@ -278,73 +279,146 @@ class RequestFactory:
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection with at most one request in flight.
+    """One keep-alive connection with at most one request in flight, driven by callbacks.
 
-    Parses just enough of each response (status line and Content-Length) to know where it ends;
-    every server under test sends fixed-length bodies.
+    No future or task per request: the answer is handed to ``on_response`` straight from
+    ``data_received``, which keeps the client's CPU per request low on a machine whose cores it
+    shares with the server under test. Parses just enough of each response (status line and
+    Content-Length) to know where it ends; every server under test sends fixed-length bodies.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, run: _Run) -> None:
+        self.run = run
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
-        self.waiter: asyncio.Future[int] | None = None
+        self.due = 0.0
+        self.sent = 0.0
+        self.busy = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(ConnectionError("connection closed by the server"))
+        self.run.lost(self, exc)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def send(self, request: bytes, due: float, now: float) -> None:
+        assert self.transport is not None
+        self.due, self.sent, self.busy = due, now, True
+        self.transport.write(request)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         end = self.buffer.find(b"\r\n\r\n")
-        if end < 0 or self.waiter is None:
+        if end < 0:
             return
         head = bytes(self.buffer[:end]).lower()
         marker = head.find(b"content-length:")
         if marker < 0:
-            self.waiter.set_exception(ValueError("response without Content-Length"))
+            self.run.fail(ValueError("response without Content-Length"))
             return
         line_end = head.find(b"\r\n", marker)
         length = int(head[marker + 15 : line_end if line_end > 0 else len(head)])
         total = end + 4 + length
         if len(self.buffer) < total:
             return
-        status = int(head[9:12])
         del self.buffer[:total]
-        waiter, self.waiter = self.waiter, None
-        waiter.set_result(status)
-
-    async def call(self, request: bytes) -> int:
-        assert self.transport is not None
-        self.waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(request)
-        return await self.waiter
+        self.busy = False
+        self.run.on_response(self, int(head[9:12]))
 
 
-async def _connect(host: str, port: int, count: int) -> list[_Connection]:
-    loop = asyncio.get_running_loop()
-    connections = []
-    for _ in range(count):
-        _, protocol = await loop.create_connection(_Connection, host, port)
-        connections.append(protocol)
-    return connections
+class _Run:
+    """The bookkeeping of one run: idle connections, requests waiting for one, what was seen.
 
+    A request is due at ``due``; it goes out on an idle connection at once, or waits in the
+    backlog until one frees up. Latency runs from ``due``, so time spent waiting for a
+    connection counts; only requests due inside the measured window are recorded.
+    """
 
-def _summary(latencies_s: list[float], errors: int, seconds: float, tool: str) -> LoadResult:
-    latencies_s.sort()
-    return LoadResult(
-        requests=len(latencies_s),
-        seconds=seconds,
-        rps=len(latencies_s) / seconds,
-        p50_ms=percentile(latencies_s, 50) * 1e3,
-        p99_ms=percentile(latencies_s, 99) * 1e3,
-        p999_ms=percentile(latencies_s, 99.9) * 1e3,
-        max_ms=(latencies_s[-1] if latencies_s else math.nan) * 1e3,
-        errors=errors,
-        tool=tool,
-    )
+    def __init__(self, factory: RequestFactory, measure_from: float, measure_until: float) -> None:
+        self.factory = factory
+        self.measure_from = measure_from
+        self.measure_until = measure_until
+        # First in, first out: every connection stays in use, so none sits idle long enough
+        # for the server's keep-alive timeout to close it.
+        self.idle: collections.deque[_Connection] = collections.deque()
+        self.backlog: collections.deque[float] = collections.deque()
+        self.in_flight = 0
+        self.latencies: list[float] = []
+        self.from_send: list[float] = []
+        self.lags: list[float] = []
+        self.errors = 0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed_loop = False
+        self.finished_sending = False
+
+    def submit(self, due: float, now: float) -> None:
+        if self.idle:
+            self.in_flight += 1
+            self.idle.popleft().send(self.factory.next(), due, now)
+        else:
+            self.backlog.append(due)
+
+    def on_response(self, conn: _Connection, status: int) -> None:
+        now = time.perf_counter()
+        if self.measure_from <= conn.due < self.measure_until:
+            self.latencies.append(now - conn.due)
+            self.from_send.append(now - conn.sent)
+            self.lags.append(conn.sent - conn.due)
+            self.errors += not 200 <= status < 300
+        if self.closed_loop and now < self.measure_until:
+            conn.send(self.factory.next(), now, now)
+        elif self.backlog:
+            conn.send(self.factory.next(), self.backlog.popleft(), now)
+        else:
+            self.in_flight -= 1
+            self.idle.append(conn)
+            if self.finished_sending and not self.in_flight and not self.done.done():
+                self.done.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+    def lost(self, conn: _Connection, exc: Exception | None) -> None:
+        """An idle connection closed by the server is dropped; one with a request fails the run."""
+        if conn.busy:
+            self.fail(exc or ConnectionError("connection closed with a request in flight"))
+        elif conn in self.idle:
+            self.idle.remove(conn)
+
+    async def connect(self, host: str, port: int, count: int) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(count):
+            _, conn = await loop.create_connection(lambda: _Connection(self), host, port)
+            self.idle.append(conn)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for every request sent to be answered, then close the connections."""
+        self.finished_sending = True
+        if not self.in_flight and not self.done.done():
+            self.done.set_result(None)
+        async with asyncio.timeout(timeout):
+            await self.done
+        for conn in list(self.idle):
+            conn.close()
+
+    def result(self, seconds: float, tool: str) -> LoadResult:
+        latencies = sorted(self.latencies)
+        return LoadResult(
+            requests=len(latencies),
+            seconds=seconds,
+            rps=len(latencies) / seconds,
+            p50_ms=percentile(latencies, 50) * 1e3,
+            p99_ms=percentile(latencies, 99) * 1e3,
+            p999_ms=percentile(latencies, 99.9) * 1e3,
+            max_ms=(latencies[-1] if latencies else math.nan) * 1e3,
+            errors=self.errors,
+            tool=tool,
+        )
 
 
 async def closed_loop(
@@ -357,25 +431,16 @@ async def closed_loop(
     warmup_s: float,
 ) -> LoadResult:
     """The wrk fallback: every connection sends back to back; only post-warm-up calls count."""
-    conns = await _connect(host, port, connections)
-    clock = time.perf_counter
-    start = clock()
-    measure_from = start + warmup_s
-    stop = measure_from + duration_s
-    latencies: list[float] = []
-    errors = 0
-
-    async def worker(conn: _Connection) -> None:
-        nonlocal errors
-        while (sent := clock()) < stop:
-            status = await conn.call(factory.next())
-            if sent >= measure_from:
-                latencies.append(clock() - sent)
-                errors += not 200 <= status < 300
-
-    async with asyncio.timeout(warmup_s + duration_s + REQUEST_TIMEOUT_S):
-        await asyncio.gather(*(worker(c) for c in conns))
-    return _summary(latencies, errors, duration_s, "asyncio-closed")
+    start = time.perf_counter()
+    run = _Run(factory, start + warmup_s, start + warmup_s + duration_s)
+    run.closed_loop = True
+    await run.connect(host, port, connections)
+    now = time.perf_counter()
+    for _ in range(connections):
+        run.submit(now, now)
+    await asyncio.sleep(run.measure_until - time.perf_counter())
+    await run.drain(REQUEST_TIMEOUT_S)
+    return run.result(duration_s, "asyncio-closed")
 
 
 async def paced(
@@ -390,63 +455,43 @@ async def paced(
 ) -> LoadResult:
     """Open loop at ``rate`` requests/s; latency runs from each request's scheduled send time.
 
-    Request ``i`` is due at ``start + i / rate``. Each connection takes the next due request,
-    sleeps until it is due (never sending early), sends it and waits for the answer; when every
-    connection is busy a due request waits, and that wait is part of its latency. The event loop's
-    timers have millisecond resolution, so a request goes out up to about 1 ms late: that lag is
-    charged to the server (conservative) and reported as ``send_lag_p99_ms``, next to
-    ``service_p99_ms`` counted from the actual send.
+    Request ``i`` is due at ``start + i / rate``. One dispatcher wakes up, sends every request
+    now due (or queues it when all connections are busy; that wait is part of its latency) and
+    sleeps until the next is due. The stock event loop's timers have millisecond resolution and
+    never fire early, so a request goes out up to about 1 ms late: that lag is charged to the
+    server (conservative) and reported as ``send_lag_p99_ms``, next to ``service_p99_ms``
+    counted from the actual send.
     """
-    conns = await _connect(host, port, connections)
-    clock = time.perf_counter
-    start = clock() + 0.05
-    measure_from = start + warmup_s
+    start = time.perf_counter() + 0.05
+    run = _Run(factory, start + warmup_s, start + warmup_s + duration_s)
+    await run.connect(host, port, connections)
     total = int((warmup_s + duration_s) * rate)
-    next_index = 0
-    latencies: list[float] = []
-    service: list[float] = []
-    lags: list[float] = []
-    errors = 0
-
-    async def worker(conn: _Connection) -> None:
-        nonlocal next_index, errors
-        while next_index < total:
-            due = start + next_index / rate
-            next_index += 1
-            while (now := clock()) < due:
-                await asyncio.sleep(due - now)
-            status = await conn.call(factory.next())
-            done = clock()
-            if due >= measure_from:
-                latencies.append(done - due)
-                service.append(done - now)
-                lags.append(now - due)
-                errors += not 200 <= status < 300
-
-    async with asyncio.timeout(warmup_s + duration_s + REQUEST_TIMEOUT_S + 1):
-        await asyncio.gather(*(worker(c) for c in conns))
-    result = _summary(latencies, errors, duration_s, "asyncio-paced")
-    service.sort()
-    lags.sort()
+    sent = 0
+    while sent < total:
+        now = time.perf_counter()
+        while sent < total and (due := start + sent / rate) <= now:
+            run.submit(due, now)
+            sent += 1
+        if sent < total:
+            await asyncio.sleep(start + sent / rate - time.perf_counter())
+    await run.drain(REQUEST_TIMEOUT_S)
+    result = run.result(duration_s, "asyncio-paced")
     result.extra = {
         "rate": rate,
-        "service_p99_ms": percentile(service, 99) * 1e3,
-        "send_lag_p99_ms": percentile(lags, 99) * 1e3,
+        "service_p99_ms": percentile(sorted(run.from_send), 99) * 1e3,
+        "send_lag_p99_ms": percentile(sorted(run.lags), 99) * 1e3,
     }
     return result
 
 
 def run_client(argv: Sequence[str]) -> LoadResult:
     """Run the asyncio client as a child process and return what it measured."""
-    out = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), *argv],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    line = next((ln for ln in out.splitlines() if ln.startswith(RESULT_MARKER)), None)
-    if line is None:
-        raise RuntimeError(f"the load client printed no result:\n{out}")
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), *argv], capture_output=True, text=True
+    )
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARKER)), None)
+    if proc.returncode or line is None:
+        raise RuntimeError(f"the load client failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return LoadResult(**json.loads(line[len(RESULT_MARKER) :]))
 
 
