@@ -64,6 +64,7 @@ from encoder_service.data.synthetic import generate  # noqa: E402
 from encoder_service.events import append_events, stream_keys  # noqa: E402
 from encoder_service.publish import publish_version  # noqa: E402
 from encoder_service.redis_connection import start_server, sync_client  # noqa: E402
+from encoder_service.settings import Settings  # noqa: E402
 
 VERSION = "bench"
 HOST = "127.0.0.1"
@@ -419,11 +420,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="Length of each rate.")
     parser.add_argument("--backlog", type=int, default=50_000, help="Events for the max rate.")
     parser.add_argument("--shards", type=int, default=1, help="Event stream shards.")
+    defaults = Settings()
     parser.add_argument(
-        "--batch-max-events", type=int, default=512, help="The refresher's batch size."
+        "--batch-max-events",
+        type=int,
+        default=defaults.batch_max_events,
+        help="The refresher's batch size (default: the setting's).",
     )
     parser.add_argument(
-        "--batch-max-wait-ms", type=int, default=50, help="The refresher's batch window."
+        "--batch-max-wait-ms",
+        type=int,
+        default=defaults.batch_max_wait_ms,
+        help="The refresher's batch window (default: the setting's).",
     )
     parser.add_argument("--epochs", type=int, default=2, help="Training epochs of the version.")
     parser.add_argument("--redis-url", help="An empty Redis to use instead of a throwaway one.")

@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     )
     batch_max_events: int = Field(default=512, ge=1, description="Flush a batch at this size.")
     batch_max_wait_ms: int = Field(
-        default=50, ge=0, description="Flush a batch this long after its first event arrived."
+        default=20, ge=0, description="Flush a batch this long after its first event arrived."
     )
     block_ms: int = Field(
         default=1000,
