@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -206,3 +209,25 @@ def drained(client: redis.Redis, streams: Sequence[str], group: str = "refresh")
         if info["pending"] or info["lag"] != 0:
             return False
     return True
+
+
+@contextmanager
+def refresher_process(
+    settings_env: dict[str, str], consumer: str, log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``encoder-service refresh`` as a real process (killable), configured by environment."""
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "encoder_service.refresher.cli", "refresh"]
+            + ["--consumer", consumer, "--metrics-port", "0"],
+            cwd=repo_root(),
+            env={**os.environ, **settings_env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)

@@ -7,14 +7,11 @@ users and a kill lands in a commit touching many of them, not in the coalescing 
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +30,8 @@ from tests.refresher.conftest import (
     expected_embedding,
     last_ids,
     pending_count,
+    refresher_process,
     replay_once,
-    repo_root,
     stored_embedding,
     stored_state,
     wait_until,
@@ -69,10 +66,10 @@ def _workload(trained: TrainedVersion, seed: int) -> list[Event]:
     return events
 
 
-@contextmanager
-def _refresher(redis_url: str, consumer: str, log: Path) -> Iterator[subprocess.Popen]:
+def _refresher(
+    redis_url: str, consumer: str, log: Path
+) -> AbstractContextManager[subprocess.Popen[bytes]]:
     env = {
-        **os.environ,
         "ENCODER_REDIS_URL": redis_url,
         "ENCODER_STREAM_SHARDS": str(SHARDS),
         "ENCODER_CLAIM_IDLE_MS": "300",
@@ -81,21 +78,7 @@ def _refresher(redis_url: str, consumer: str, log: Path) -> Iterator[subprocess.
         "ENCODER_BATCH_MAX_WAIT_MS": "5",
         "ENCODER_BLOCK_MS": "100",
     }
-    with open(log, "ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "encoder_service.refresher.cli", "refresh"]
-            + ["--consumer", consumer, "--metrics-port", "0"],
-            cwd=repo_root(),
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=10)
+    return refresher_process(env, consumer, log)
 
 
 def _reading(client: redis.Redis, consumer: str, since: float) -> bool:

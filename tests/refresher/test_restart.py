@@ -9,14 +9,12 @@ refresher acknowledges the copy without applying it), and is what the test relie
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +33,8 @@ from tests.refresher.conftest import (
     expected_embedding,
     pending_count,
     publish_versions,
+    refresher_process,
     replay_once,
-    repo_root,
     stored_embedding,
     stored_state,
     wait_until,
@@ -69,10 +67,8 @@ def _workload(trained: TrainedVersion, seed: int) -> list[Event]:
     ]
 
 
-@contextmanager
-def _refresher(redis_url: str, log: Path) -> Iterator[subprocess.Popen]:
+def _refresher(redis_url: str, log: Path) -> AbstractContextManager[subprocess.Popen[bytes]]:
     env = {
-        **os.environ,
         "ENCODER_REDIS_URL": redis_url,
         "ENCODER_STREAM_SHARDS": str(SHARDS),
         "ENCODER_BATCH_MAX_EVENTS": "64",
@@ -80,21 +76,7 @@ def _refresher(redis_url: str, log: Path) -> Iterator[subprocess.Popen]:
         "ENCODER_BLOCK_MS": "100",
         "ENCODER_CLAIM_IDLE_MS": "1000",
     }
-    with open(log, "ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "encoder_service.refresher.cli", "refresh"]
-            + ["--consumer", "survivor", "--metrics-port", "0"],
-            cwd=repo_root(),
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=10)
+    return refresher_process(env, "survivor", log)
 
 
 @pytest.mark.slow
