@@ -72,7 +72,9 @@ def bench_training(args: argparse.Namespace, figures: list[Figure], workdir: Pat
     figures.append(Figure("feature build (states + vectors)", args.users / build_s, "users/s"))
 
     config = TrainConfig(epochs=args.epochs, patience=args.epochs, seed=args.seed)
-    result = train_autoencoder(prepared.features, prepared.schema, config, progress=False)
+    result = train_autoencoder(
+        prepared.features, prepared.schema, config, items=prepared.interactions, progress=False
+    )
     epoch_seconds = [row["seconds"] for row in result.history]
     n_train = result.metrics["n_train"]
     figures.append(

@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--movielens", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--version", default="ml-eval")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--embedding-dim", type=int, default=64)
     parser.add_argument("--item-vector-dim", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)

@@ -11,6 +11,25 @@ so "missing" and "average" look the same to the encoder, exactly as a cold-start
 
 Input standardisation lives in :class:`Standardize` buffers inside :class:`UserEncoder`, so the
 exported ONNX graph takes the raw feature vector and nobody serving it has to re-apply statistics.
+
+Two training-only parts decide what the embedding keeps, and neither is exported:
+
+* **Normalised group losses.** Each group's loss is divided by the loss of the best constant
+  predictor of that group on the training set (:func:`null_group_losses`), so every group is
+  scored by the fraction of its own uncertainty the embedding explains. Without it the loss is
+  dominated by whichever group has the largest raw cross-entropy — the 168-cell heatmap, about
+  4.9 nats on MovieLens-100K against 1.0 for a standardised dense group — whether or not it
+  carries information, and capacity goes to reconstructing noise.
+* **Item-set reconstruction.** A linear decoder predicts, from the embedding, which items the
+  user interacted with (a multinomial likelihood over the catalogue, the objective of Mult-DAE,
+  Liang et al. 2018, "Variational autoencoders for collaborative filtering"). The item-taste
+  features are averages of item vectors; asking the embedding to recover the item set itself
+  keeps *which* items a user chose, the signal downstream profile tasks depend on most.
+
+Measured on MovieLens-100K (profile labels held out of the input, linear probe, 5-fold CV, see
+docs/evaluation.md): gender AUC / age accuracy / occupation accuracy moved from 0.695 / 0.319 /
+0.216 with neither, to about 0.71 / 0.37 / 0.23 with the normalisation, and about 0.73 / 0.38 /
+0.23 with both.
 """
 
 from __future__ import annotations
@@ -18,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
@@ -140,6 +160,11 @@ class MultiGroupAutoencoder(nn.Module):
         mean, std: per-feature statistics [D] of the training set (``std`` already floored);
             default to 0 and 1, e.g. before loading a state dict.
         group_dropout: probability that a group of a training sample is dropped.
+        loss_scale: divisor [G] of each group's loss, e.g. :func:`null_group_losses`;
+            default 1 (raw losses).
+        n_items: width of the item-set decoder's output (0: no item-set reconstruction).
+        item_weight: weight of the item-set loss, in units of one (normalised) group.
+        item_loss_scale: divisor of the item-set loss, e.g. :func:`null_item_loss`.
     """
 
     def __init__(
@@ -151,6 +176,10 @@ class MultiGroupAutoencoder(nn.Module):
         mean: np.ndarray | Tensor | None = None,
         std: np.ndarray | Tensor | None = None,
         group_dropout: float = 0.25,
+        loss_scale: np.ndarray | Tensor | None = None,
+        n_items: int = 0,
+        item_weight: float = 1.0,
+        item_loss_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if not groups:
@@ -172,6 +201,13 @@ class MultiGroupAutoencoder(nn.Module):
         for index, group in enumerate(groups):
             feature_group[group.start : group.end] = index
         self.register_buffer("feature_group", feature_group, persistent=False)
+        scale = torch.ones(len(groups)) if loss_scale is None else torch.as_tensor(loss_scale)
+        if scale.shape != (len(groups),) or not bool((scale > 0).all()):
+            raise ValueError(f"loss_scale must hold {len(groups)} positive values")
+        self.register_buffer("loss_scale", scale.detach().clone().float())
+        self.item_decoder = nn.Linear(embedding_dim, n_items) if n_items > 0 else None
+        self.item_weight = item_weight
+        self.item_loss_scale = item_loss_scale
 
     @classmethod
     def from_schema(
@@ -182,6 +218,10 @@ class MultiGroupAutoencoder(nn.Module):
         mean: np.ndarray | Tensor | None = None,
         std: np.ndarray | Tensor | None = None,
         group_dropout: float = 0.25,
+        loss_scale: np.ndarray | Tensor | None = None,
+        n_items: int = 0,
+        item_weight: float = 1.0,
+        item_loss_scale: float = 1.0,
     ) -> MultiGroupAutoencoder:
         return cls(
             schema.groups,
@@ -190,6 +230,10 @@ class MultiGroupAutoencoder(nn.Module):
             mean=mean,
             std=std,
             group_dropout=group_dropout,
+            loss_scale=loss_scale,
+            n_items=n_items,
+            item_weight=item_weight,
+            item_loss_scale=item_loss_scale,
         )
 
     @property
@@ -225,14 +269,23 @@ class MultiGroupAutoencoder(nn.Module):
         embedding = self.encoder.embed(z)
         return embedding, [decoder(embedding) for decoder in self.decoders]
 
-    def loss(self, x: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Total reconstruction loss (scalar, to minimise) and the per-group losses [G].
+    def loss(
+        self,
+        x: Tensor,
+        items: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Total training loss (scalar, to minimise) and the unscaled component losses.
 
         A group's loss is the mean of its segments' losses, so groups with many segments do not
-        outweigh the others; the total is the sum over groups.
+        outweigh the others; the total is the sum over groups of each loss divided by its
+        ``loss_scale``, plus ``item_weight`` times the scaled item-set loss when the model has
+        an item decoder and ``items`` [B, n_items] (non-negative interaction weights) is given.
+        The components are the G group losses, then the item-set loss when it was computed.
         """
         z = self.encoder.standardize(x)
-        _, outputs = self._reconstruct(z, generator)
+        embedding, outputs = self._reconstruct(z, generator)
         per_group = torch.stack(
             [
                 torch.stack(
@@ -249,7 +302,25 @@ class MultiGroupAutoencoder(nn.Module):
                 for group, output in zip(self.groups, outputs, strict=True)
             ]
         )
-        return per_group.sum(), per_group
+        total = (per_group / self.loss_scale).sum()
+        if self.item_decoder is None or items is None:
+            return total, per_group
+        item_loss = distribution_loss(self.item_decoder(embedding), items)
+        total = total + self.item_weight * item_loss / self.item_loss_scale
+        return total, torch.cat([per_group, item_loss.unsqueeze(0)])
+
+
+def distribution_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy of ``softmax(logits)`` against each row's normalised ``target``.
+
+    The mean is over rows with mass: an all-zero row means "no data", not "a uniform
+    preference". Shared by distribution segments and the item-set reconstruction.
+    """
+    mass = target.sum(dim=1)
+    has_mass = mass > 0
+    normalised = target / mass.clamp_min(1e-12).unsqueeze(1)
+    cross_entropy = -(normalised * F.log_softmax(logits, dim=1)).sum(dim=1)
+    return (cross_entropy * has_mass).sum() / has_mass.sum().clamp_min(1)
 
 
 def segment_loss(segment: Segment, output: Tensor, raw: Tensor, standardised: Tensor) -> Tensor:
@@ -271,8 +342,63 @@ def segment_loss(segment: Segment, output: Tensor, raw: Tensor, standardised: Te
         return F.mse_loss(output, standardised)
     if segment.kind is SegmentKind.CATEGORICAL:
         return F.cross_entropy(output, raw.argmax(dim=1))
-    mass = raw.sum(dim=1)
-    has_mass = mass > 0
-    target = raw / mass.clamp_min(1e-12).unsqueeze(1)
-    cross_entropy = -(target * F.log_softmax(output, dim=1)).sum(dim=1)
-    return (cross_entropy * has_mass).sum() / has_mass.sum().clamp_min(1)
+    return distribution_loss(output, raw)
+
+
+LOSS_SCALE_FLOOR = 1e-3
+"""Smallest loss scale; a group that is constant on the training set would divide by ~0."""
+
+
+def null_group_losses(x: np.ndarray, groups: Sequence[Group]) -> np.ndarray:
+    """Each group's loss under the best constant prediction of the training rows ``x`` [N, D].
+
+    That is the loss of a model that knows only the training marginals: 1 for every dense
+    feature that varies (MSE in standardised units; 0 for a constant one), the entropy of the
+    class frequencies for categoricals, and the cross-entropy of each row's distribution against
+    the mean distribution for distributions. Used as :class:`MultiGroupAutoencoder`'s
+    ``loss_scale``; floored at :data:`LOSS_SCALE_FLOOR`.
+    """
+    x64 = np.asarray(x, dtype=np.float64)
+    scales = []
+    for group in groups:
+        values = []
+        for segment in group.segments:
+            raw = x64[:, segment.start : segment.end]
+            if segment.kind is SegmentKind.DENSE:
+                values.append(float((raw.std(axis=0) > STD_FLOOR).mean()))
+            elif segment.kind is SegmentKind.CATEGORICAL:
+                values.append(_entropy(np.bincount(raw.argmax(axis=1), minlength=raw.shape[1])))
+            else:
+                values.append(_null_cross_entropy(raw))
+        scales.append(max(float(np.mean(values)), LOSS_SCALE_FLOOR))
+    return np.asarray(scales, dtype=np.float32)
+
+
+def null_item_loss(items: sp.csr_matrix) -> float:
+    """Item-set loss of predicting one item distribution (the mean user's) for everyone.
+
+    ``items`` [N, n_items] holds the training rows' non-negative interaction weights; rows
+    without mass are left out, as the loss leaves them out.
+    """
+    mass = np.asarray(items.sum(axis=1)).ravel()
+    rows = items[mass > 0].astype(np.float64)
+    if not rows.shape[0]:
+        return LOSS_SCALE_FLOOR
+    normalised = sp.diags(1.0 / mass[mass > 0]) @ rows
+    mean = np.asarray(normalised.mean(axis=0)).ravel()
+    cross_entropy = -(normalised @ np.log(np.maximum(mean, 1e-12))).mean()
+    return max(float(cross_entropy), LOSS_SCALE_FLOOR)
+
+
+def _entropy(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum() if counts.sum() > 0 else np.ones(1)
+    return float(-(p * np.log(p)).sum())
+
+
+def _null_cross_entropy(raw: np.ndarray) -> float:
+    mass = raw.sum(axis=1)
+    rows = raw[mass > 0] / mass[mass > 0, None]
+    if not len(rows):
+        return 0.0
+    mean = rows.mean(axis=0)
+    return float(-(rows * np.log(np.maximum(mean, 1e-12))).sum(axis=1).mean())

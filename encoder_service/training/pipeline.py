@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from encoder_service.data.tables import Dataset
 from encoder_service.encoder import CATALOG_FILE, MODEL_FILE, ModelArtifacts
@@ -55,13 +56,19 @@ class TrainedVersion:
 
 @dataclass
 class PreparedFeatures:
-    """A data set turned into the encoder's inputs, before any training."""
+    """A data set turned into the encoder's inputs, before any training.
+
+    ``interactions`` [users, items] marks which catalogue items each user interacted with (rows
+    in ``user_ids`` order, columns in ``dataset.items`` order): the targets of the item-set
+    reconstruction, used by training only.
+    """
 
     schema: FeatureSchema
     catalog: ItemCatalog
     user_ids: list[str]
     states: list[FeatureState]
     features: np.ndarray
+    interactions: sp.csr_matrix
 
 
 def prepare_features(
@@ -83,7 +90,28 @@ def prepare_features(
     )
     user_ids, states = build_states(dataset, {catalog.hash: catalog})
     features = Vectorizer(schema, catalog.hash)(states)
-    return PreparedFeatures(schema, catalog, user_ids, states, features)
+    interactions = interaction_matrix(dataset, user_ids)
+    return PreparedFeatures(schema, catalog, user_ids, states, features, interactions)
+
+
+def interaction_matrix(dataset: Dataset, user_ids: Sequence[str]) -> sp.csr_matrix:
+    """Binary float32 [users, items]: 1 where the user has any event on the item.
+
+    Presence rather than counts or weights: a rating's value or a repeat view says how much, the
+    reconstruction is about *which* items (as in Mult-DAE), and presence keeps one heavy item
+    from dominating a user's row.
+    """
+    users = pd.Index(list(user_ids))
+    items = pd.Index(dataset.items["item_id"].astype(str))
+    rows = users.get_indexer(dataset.events["user_id"].astype(str))
+    cols = items.get_indexer(dataset.events["item_id"].astype(str))
+    known = (rows >= 0) & (cols >= 0)
+    matrix = sp.csr_matrix(
+        (np.ones(int(known.sum()), dtype=np.float32), (rows[known], cols[known])),
+        shape=(len(users), len(items)),
+    )
+    matrix.data[:] = 1.0  # duplicates were summed
+    return matrix
 
 
 def train_version(
@@ -107,7 +135,9 @@ def train_version(
         seed=config.seed,
     )
     schema, catalog, features = prepared.schema, prepared.catalog, prepared.features
-    result = train_autoencoder(features, schema, config, progress=progress)
+    result = train_autoencoder(
+        features, schema, config, items=prepared.interactions, progress=progress
+    )
 
     model_path = export_encoder(result.model, folder / MODEL_FILE, input_dim=schema.input_dim)
     sample = np.random.default_rng(config.seed).permutation(len(features))[:PARITY_SAMPLE]

@@ -16,11 +16,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
 from encoder_service.features.schema import FeatureSchema
-from encoder_service.training.model import MultiGroupAutoencoder, standardisation_stats
+from encoder_service.training.model import (
+    MultiGroupAutoencoder,
+    null_group_losses,
+    null_item_loss,
+    standardisation_stats,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +43,10 @@ class TrainConfig:
 
     ``patience`` is the number of epochs without validation improvement before stopping;
     ``num_threads`` sets torch's intra-op threads for the run (``None`` keeps torch's default).
+    ``normalise_group_losses`` divides each group's loss by its constant-predictor loss (see
+    :mod:`encoder_service.training.model`); ``item_weight`` weighs the item-set reconstruction
+    (in units of one normalised group; 0 turns it off), over at most ``max_items`` of the most
+    interacted items.
     """
 
     embedding_dim: int = 64
@@ -49,6 +59,9 @@ class TrainConfig:
     patience: int = 4
     seed: int = 0
     num_threads: int | None = None
+    normalise_group_losses: bool = True
+    item_weight: float = 30.0
+    max_items: int = 20_000
 
 
 @dataclass
@@ -72,38 +85,79 @@ class TrainResult:
 
 
 def train_autoencoder(
-    x: np.ndarray, schema: FeatureSchema, config: TrainConfig, *, progress: bool = True
+    x: np.ndarray,
+    schema: FeatureSchema,
+    config: TrainConfig,
+    *,
+    items: sp.csr_matrix | None = None,
+    progress: bool = True,
 ) -> TrainResult:
     """Fit an autoencoder to the feature matrix ``x`` (float32 [N, D], D = schema.input_dim).
 
-    Standardisation statistics come from the training split only. Training stops early once the
+    ``items`` [N, n_items] are the users' interaction weights with the catalogue, the targets of
+    the item-set reconstruction (rows aligned with ``x``); without them, or with
+    ``config.item_weight == 0``, the model reconstructs the features only. Standardisation and
+    loss-scale statistics come from the training split only. Training stops early once the
     validation loss has not improved by ``MIN_IMPROVEMENT`` (relative) for ``config.patience``
     epochs, and the weights of the best epoch are restored.
     """
     x = _check_matrix(np.asarray(x), schema.input_dim)
+    targets = _item_targets(items, len(x), config)
     val_index = _validation_rows(len(x), config)
     is_val = np.zeros(len(x), dtype=bool)
     is_val[val_index] = True
-    x_train = torch.from_numpy(x[~is_val])
-    x_val = torch.from_numpy(x[is_val])
+    train = _Split(torch.from_numpy(x[~is_val]), None if targets is None else targets[~is_val])
+    val = _Split(torch.from_numpy(x[is_val]), None if targets is None else targets[is_val])
     previous_threads = torch.get_num_threads()
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     try:
-        model, history, best_epoch = _fit(x_train, x_val, schema, config, progress)
+        model, history, best_epoch = _fit(train, val, schema, config, progress)
     finally:
         torch.set_num_threads(previous_threads)
     best = history[best_epoch - 1]
     metrics = {
         "val_loss": best["val_loss"],
         "val_loss_per_group": best["val_loss_per_group"],
-        "users_per_second": len(x_train) * len(history) / sum(h["train_seconds"] for h in history),
-        "n_train": len(x_train),
-        "n_val": len(x_val),
+        "users_per_second": len(train.x) * len(history) / sum(h["train_seconds"] for h in history),
+        "n_train": len(train.x),
+        "n_val": len(val.x),
         "best_epoch": best_epoch,
         "epochs_run": len(history),
     }
     return TrainResult(model, history, best_epoch, metrics, val_index)
+
+
+@dataclass
+class _Split:
+    """Feature rows and, when the item-set is reconstructed, their item targets."""
+
+    x: torch.Tensor
+    items: sp.csr_matrix | None
+
+    def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.x.index_select(0, rows)
+        if self.items is None:
+            return x, None
+        return x, torch.from_numpy(self.items[rows.numpy()].toarray())
+
+
+def _item_targets(
+    items: sp.csr_matrix | None, n_rows: int, config: TrainConfig
+) -> sp.csr_matrix | None:
+    """The ``max_items`` most interacted columns of ``items`` as float32 CSR, or None if unused."""
+    if items is None or config.item_weight <= 0:
+        return None
+    if items.shape[0] != n_rows:
+        raise ValueError(f"items has {items.shape[0]} rows for {n_rows} feature rows")
+    items = sp.csr_matrix(items, dtype=np.float32)
+    if items.data.size and (not np.isfinite(items.data).all() or items.data.min() < 0):
+        raise ValueError("items must hold finite non-negative interaction weights")
+    if items.shape[1] > config.max_items:
+        counts = np.asarray((items > 0).sum(axis=0)).ravel()
+        keep = np.sort(np.argsort(-counts, kind="stable")[: config.max_items])
+        items = items[:, keep]
+    return items
 
 
 def _check_matrix(x: np.ndarray, input_dim: int) -> np.ndarray:
@@ -126,32 +180,47 @@ def _validation_rows(n: int, config: TrainConfig) -> np.ndarray:
 
 
 def _fit(
-    x_train: torch.Tensor,
-    x_val: torch.Tensor,
+    train: _Split,
+    val: _Split,
     schema: FeatureSchema,
     config: TrainConfig,
     progress: bool,
 ) -> tuple[MultiGroupAutoencoder, list[dict[str, Any]], int]:
     """The model with its best weights restored, the per-epoch history and the best epoch."""
-    mean, std = standardisation_stats(x_train.numpy())
+    x_train = train.x.numpy()
+    mean, std = standardisation_stats(x_train)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model = MultiGroupAutoencoder.from_schema(
-        schema, config.embedding_dim, mean=mean, std=std, group_dropout=config.group_dropout
+        schema,
+        config.embedding_dim,
+        mean=mean,
+        std=std,
+        group_dropout=config.group_dropout,
+        loss_scale=(
+            null_group_losses(x_train, schema.groups) if config.normalise_group_losses else None
+        ),
+        n_items=0 if train.items is None else train.items.shape[1],
+        item_weight=config.item_weight,
+        item_loss_scale=(
+            null_item_loss(train.items)
+            if train.items is not None and config.normalise_group_losses
+            else 1.0
+        ),
     )
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True
     )
-    group_names = [g.name for g in schema.groups]
+    group_names = [g.name for g in schema.groups] + ([] if train.items is None else ["items"])
     history: list[dict[str, Any]] = []
     best_loss, best_epoch, best_state = float("inf"), 0, copy.deepcopy(model.state_dict())
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
         train_loss = _train_epoch(
-            model, optimizer, x_train, config.batch_size, generator, epoch, progress
+            model, optimizer, train, config.batch_size, generator, epoch, progress
         )
         train_seconds = time.perf_counter() - started
-        val_loss, val_groups = evaluate(model, x_val)
+        val_loss, val_groups = evaluate(model, val.x, val.items)
         history.append(
             {
                 "epoch": epoch,
@@ -180,48 +249,57 @@ def _fit(
 def _train_epoch(
     model: MultiGroupAutoencoder,
     optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
+    data: _Split,
     batch_size: int,
     generator: torch.Generator,
     epoch: int,
     progress: bool,
 ) -> float:
-    """One pass over ``x`` in shuffled minibatches; returns the row-weighted mean loss."""
+    """One pass over ``data`` in shuffled minibatches; returns the row-weighted mean loss."""
     model.train()
-    order = torch.randperm(len(x), generator=generator)
+    n = len(data.x)
+    order = torch.randperm(n, generator=generator)
     total = 0.0
     bar = tqdm(
-        range(0, len(x), batch_size),
+        range(0, n, batch_size),
         desc=f"epoch {epoch}",
         unit="batch",
         leave=False,
         disable=not progress,
     )
     for start in bar:
-        batch = x.index_select(0, order[start : start + batch_size])
-        loss, _ = model.loss(batch, generator=generator)
+        batch, items = data.batch(order[start : start + batch_size])
+        loss, _ = model.loss(batch, items, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total += loss.item() * len(batch)
         if progress:
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    return total / len(x)
+    return total / n
 
 
 @torch.no_grad()
-def evaluate(model: MultiGroupAutoencoder, x: torch.Tensor) -> tuple[float, list[float]]:
-    """Row-weighted mean loss and per-group losses of ``x`` in eval mode (no group dropout).
+def evaluate(
+    model: MultiGroupAutoencoder, x: torch.Tensor, items: sp.csr_matrix | None = None
+) -> tuple[float, list[float]]:
+    """Row-weighted mean loss and component losses of ``x`` in eval mode (no group dropout).
+
+    The components are the unscaled group losses, then the item-set loss if ``items`` is given.
 
     Per-batch means are weighted by batch size, which is exact for dense and categorical
     segments and a close approximation for distributions (whose mean is over rows with mass).
     """
     model.eval()
     total = 0.0
-    groups = torch.zeros(len(model.groups), dtype=torch.float64)
+    components = len(model.groups) + (items is not None and model.item_decoder is not None)
+    groups = torch.zeros(components, dtype=torch.float64)
     for start in range(0, len(x), EVAL_BATCH_SIZE):
         batch = x[start : start + EVAL_BATCH_SIZE]
-        loss, per_group = model.loss(batch)
+        targets = None
+        if items is not None:
+            targets = torch.from_numpy(items[start : start + EVAL_BATCH_SIZE].toarray())
+        loss, per_group = model.loss(batch, targets)
         total += loss.item() * len(batch)
         groups += per_group.double() * len(batch)
     return total / len(x), (groups / len(x)).tolist()

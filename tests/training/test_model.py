@@ -173,3 +173,64 @@ def test_training_refuses_bad_inputs(features: np.ndarray) -> None:
         train_autoencoder(broken, SCHEMA, config, progress=False)
     with pytest.raises(ValueError, match="val_fraction"):
         train_autoencoder(features[:5], SCHEMA, config, progress=False)
+
+
+def test_null_group_losses_are_the_constant_predictor_losses() -> None:
+    from encoder_service.features.schema import Group, Segment
+    from encoder_service.training.model import null_group_losses
+
+    groups = [
+        Group("dense", (Segment("d", SegmentKind.DENSE, 0, 2),)),
+        Group("cat", (Segment("c", SegmentKind.CATEGORICAL, 2, 4),)),
+        Group("dist", (Segment("p", SegmentKind.DISTRIBUTION, 4, 6),)),
+    ]
+    x = np.array(
+        [[0.0, 5.0, 1, 0, 1, 0], [1.0, 5.0, 0, 1, 0, 1], [2.0, 5.0, 1, 0, 0, 0]], np.float32
+    )
+    scales = null_group_losses(x, groups)
+    # One of two dense features varies; classes 2:1; rows with mass are one-hot on each side.
+    assert scales[0] == pytest.approx(0.5)
+    assert scales[1] == pytest.approx(-(2 / 3 * np.log(2 / 3) + 1 / 3 * np.log(1 / 3)))
+    assert scales[2] == pytest.approx(np.log(2))
+
+
+def test_null_item_loss_matches_a_popularity_predictor() -> None:
+    import scipy.sparse as sp
+
+    from encoder_service.training.model import null_item_loss
+
+    items = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]], np.float32))
+    assert null_item_loss(items) == pytest.approx(np.log(2))
+
+
+def test_item_set_reconstruction_trains_and_is_reported(features: np.ndarray) -> None:
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    # Items follow a dense activity feature, so the embedding can learn to predict them.
+    column = features[:, SCHEMA.group("activity").start]
+    liked = (column > np.median(column)).astype(np.float32)[:, None]
+    dense = np.hstack([liked, 1 - liked, rng.random((len(features), 3)) < 0.1]).astype(np.float32)
+    config = TrainConfig(
+        embedding_dim=16, epochs=6, batch_size=64, seed=7, num_threads=1, item_weight=5.0
+    )
+    result = train_autoencoder(
+        features, SCHEMA, config, items=sp.csr_matrix(dense), progress=False
+    )
+    history = result.history
+    assert "items" in history[0]["val_loss_per_group"]
+    assert history[-1]["val_loss_per_group"]["items"] < history[0]["val_loss_per_group"]["items"]
+    assert result.model.item_decoder is not None and result.model.item_decoder.out_features == 5
+
+
+def test_item_targets_are_checked_and_capped(features: np.ndarray) -> None:
+    import scipy.sparse as sp
+
+    config = TrainConfig(embedding_dim=8, epochs=1, seed=1, num_threads=1, max_items=2)
+    items = sp.csr_matrix(np.tile(np.array([3, 0, 1, 2], np.float32), (len(features), 1)))
+    result = train_autoencoder(features, SCHEMA, config, items=items, progress=False)
+    assert result.model.item_decoder is not None and result.model.item_decoder.out_features == 2
+    with pytest.raises(ValueError, match="rows"):
+        train_autoencoder(features, SCHEMA, config, items=items[:10], progress=False)
+    with pytest.raises(ValueError, match="non-negative"):
+        train_autoencoder(features, SCHEMA, config, items=-items, progress=False)
