@@ -252,21 +252,47 @@ def serve(
     )
 
 
+ScopeOpt = Annotated[
+    list[str] | None, typer.Option(help="read, ingest or admin (repeatable; default read).")
+]
+KEYS_HINT = "append to ENCODER_API_KEYS (comma-separated) or to the ENCODER_API_KEYS_FILE file"
+
+
 @keys_app.command("new")
 def keys_new(
     name: Annotated[str, typer.Argument(help="Who holds the key (appears in logs and metrics).")],
-    scope: Annotated[
-        list[str] | None, typer.Option(help="read, ingest or admin (repeatable; default read).")
-    ] = None,
+    scope: ScopeOpt = None,
 ) -> None:
-    """Create an API key: prints the key (give it to the caller) and its config entry."""
+    """Create an API key: prints the key (give it to the caller) and its salted config entry."""
     from encoder_service.api.auth import new_api_key
 
     try:
         key, entry = new_api_key(name, scope or ["read"])
     except ValueError as exc:
         raise _fail(str(exc)) from exc
-    typer.echo(f"key:   {key}\nentry: {entry}   (append to ENCODER_API_KEYS, comma-separated)")
+    typer.echo(f"key:   {key}\nentry: {entry}   ({KEYS_HINT})")
+
+
+@keys_app.command("hash")
+def keys_hash(
+    name: Annotated[str, typer.Argument(help="Who holds the key.")],
+    scope: ScopeOpt = None,
+) -> None:
+    """Read an existing key from standard input and print its salted config entry.
+
+    This migrates an older unsalted entry without handing out a new key. The key is read from
+    standard input, never from the command line, so it stays out of shell history and `ps`.
+    """
+    from encoder_service.api.auth import api_key_entry
+
+    key = typer.get_text_stream("stdin").readline().strip()
+    if not key:
+        raise _fail("no key on standard input: pipe it in, e.g. `keys hash NAME < keyfile`")
+    try:
+        entry = api_key_entry(name, scope or ["read"], key)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(f"entry: {entry}   ({KEYS_HINT})")
 
 
 if __name__ == "__main__":
