@@ -6,9 +6,13 @@ and the read-only commands start without torch installed.
 
 from __future__ import annotations
 
+import getpass
+import json
 import logging
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import typer
@@ -44,6 +48,16 @@ SyntheticOpt = Annotated[int | None, typer.Option(help="Generate this many synth
 def _fail(message: str) -> typer.Exit:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     return typer.Exit(code=2)
+
+
+def _audited(client: Any, action: str, target: str) -> AbstractContextManager[dict[str, str]]:
+    """Record an admin action run from this command line in the audit log."""
+    from encoder_service.audit import AuditLog, cli_origin
+
+    audit = AuditLog(client, maxlen=get_settings().audit_maxlen)
+    return audit.action(
+        action, actor=f"cli:{getpass.getuser()}", target=target, origin=cli_origin()
+    )
 
 
 @app.callback()
@@ -161,15 +175,17 @@ def _train_and_publish(
 
     with resolve_redis_url(settings) as url:
         client = sync_client(url)
-        report = publish_version(
-            client,
-            trained.artifacts(),
-            trained.user_ids,
-            trained.states,
-            features=trained.features,
-            activate=activate,
-            batch_size=settings.publish_batch_size,
-        )
+        with _audited(client, "publish", version) as note:
+            report = publish_version(
+                client,
+                trained.artifacts(),
+                trained.user_ids,
+                trained.states,
+                features=trained.features,
+                activate=activate,
+                batch_size=settings.publish_batch_size,
+            )
+            note["detail"] = f"{report.users} users; active {report.active}"
         sample = trained.user_ids[0]
         typer.echo(
             f"published {report.users} users as {report.version} into {url} "
@@ -198,9 +214,12 @@ def publish_command(
     except FileNotFoundError as exc:
         raise _fail(f"{model_dir} is not a model version folder: {exc.filename} missing") from exc
     with resolve_redis_url(settings) as url:
-        report = publish_from_live_states(
-            sync_client(url), artifacts, activate=activate, batch_size=settings.publish_batch_size
-        )
+        client = sync_client(url)
+        with _audited(client, "publish", artifacts.manifest["version"]) as note:
+            report = publish_from_live_states(
+                client, artifacts, activate=activate, batch_size=settings.publish_batch_size
+            )
+            note["detail"] = f"{report.users} users; active {report.active}"
     typer.echo(f"published {report.users} users as {report.version}; active: {report.active}")
 
 
@@ -250,6 +269,31 @@ def serve(
         port=port or settings.api_port,
         workers=workers or settings.api_workers,
     )
+
+
+@app.command()
+def audit(
+    limit: Annotated[int, typer.Option(min=1, help="Most entries, newest first.")] = 50,
+    action: Annotated[str | None, typer.Option(help="Only this action, e.g. promote.")] = None,
+    actor: Annotated[str | None, typer.Option(help="Only this key name or CLI user.")] = None,
+    version: Annotated[str | None, typer.Option(help="Only actions on this version.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """List the audit log of admin actions (API and command line), newest first."""
+    from encoder_service.audit import AuditLog
+    from encoder_service.redis_connection import resolve_redis_url, sync_client
+
+    with resolve_redis_url(get_settings()) as url:
+        entries = AuditLog(sync_client(url)).list(limit, action=action, actor=actor, target=version)
+    for e in entries:
+        if as_json:
+            typer.echo(json.dumps(e.as_dict()))
+            continue
+        when = datetime.fromtimestamp(e.at, UTC).isoformat(timespec="seconds")
+        typer.echo(
+            f"{when}  {e.via:<3} {e.actor:<20} {e.action:<10} {e.target or '-':<12} "
+            f"{e.outcome:<7} {e.origin}  {e.detail}"
+        )
 
 
 ScopeOpt = Annotated[

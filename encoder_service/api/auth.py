@@ -146,7 +146,8 @@ def parse_api_keys(text: str) -> list[ApiKey]:
             )
         salt = hashed[0].lower() if len(hashed) == 2 else ""
         digest = hashed[-1].lower()
-        if not _HEX_DIGEST.fullmatch(digest) or (len(hashed) == 2 and not _HEX_SALT.fullmatch(salt)):
+        salt_ok = len(hashed) == 1 or _HEX_SALT.fullmatch(salt)
+        if not (salt_ok and _HEX_DIGEST.fullmatch(digest)):
             raise ValueError(
                 f"API key {name!r} must give a hex salt and the 64-character hex digest of the "
                 "key (`encoder-service keys new` or `keys hash`), not the key itself"
@@ -232,7 +233,7 @@ class Authenticator:
         try:
             keys = tuple(self._load())
         except ValueError as exc:
-            log.error("API keys NOT reloaded, the previous %d stay in force: %s", len(self.keys), exc)
+            log.error("API keys NOT reloaded, the previous %d stay: %s", len(self.keys), exc)
             return False
         if keys == self.keys:
             return False
