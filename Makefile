@@ -20,7 +20,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml downstream_adapters/pyproject.toml
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[train,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[train,dev,backup]'
 	$(BIN)/python -m pip install --quiet -e './downstream_adapters[torch,eval]'
 	touch $(STAMP)
 

@@ -138,7 +138,8 @@ class AuditLog:
         self, action: str, *, actor: str, target: str = "", origin: str = ""
     ) -> Iterator[dict[str, str]]:
         """Record the command-line action run inside: ``ok``, ``refused`` (a
-        :class:`RegistryError`, or any ``ValueError`` the input caused) or ``error``.
+        :class:`RegistryError`, or a ``ValueError`` or ``OSError`` the input caused) or
+        ``error``.
 
         The yielded dict lets the body set ``target`` (when only the action learns it) and
         ``detail`` for the entry.
@@ -147,7 +148,7 @@ class AuditLog:
         entry = AuditEntry(action, actor, "cli", origin=origin or cli_origin())
         try:
             yield note
-        except (RegistryError, ValueError, FileExistsError) as exc:
+        except (RegistryError, ValueError, OSError) as exc:
             self.record(replace(entry, outcome="refused", detail=str(exc), target=note["target"]))
             raise
         except BaseException as exc:

@@ -271,6 +271,87 @@ def serve(
     )
 
 
+def _backup_module() -> Any:
+    try:
+        from encoder_service import backup
+    except ImportError as exc:
+        raise _fail(
+            f"backup and restore need the 'backup' extra ({exc.name} is missing): "
+            "pip install 'encoder-service[backup]'"
+        ) from exc
+    return backup
+
+
+ChunkOpt = Annotated[int, typer.Option(min=1, help="Users per SCAN/MGET and read batch.")]
+
+
+@app.command("export")
+def export_command(
+    version: Annotated[str, typer.Argument(help="The version to back up.")],
+    folder: Annotated[Path, typer.Argument(help="A new (or empty) folder for the backup.")],
+    chunk_size: ChunkOpt = 1000,
+) -> None:
+    """Back up a version (embeddings, feature states, meta, manifest, model, alignment maps)
+    to Parquet files in FOLDER."""
+    backup = _backup_module()
+    from encoder_service.redis_connection import resolve_redis_url, sync_client
+
+    with resolve_redis_url(get_settings()) as url:
+        client = sync_client(url)
+        try:
+            with _audited(client, "export", version) as note:
+                report = backup.export_version(client, version, folder, chunk_size=chunk_size)
+                note["detail"] = f"{report.users} users to {folder}"
+        except (ValueError, FileExistsError) as exc:
+            raise _fail(str(exc)) from exc
+    typer.echo(
+        f"exported {report.version}: {report.users} users ({report.embeddings} embeddings, "
+        f"{report.states} states){' [active]' if report.was_active else ''} to {folder}"
+    )
+
+
+@app.command("import")
+def import_command(
+    folder: Annotated[Path, typer.Argument(help="A folder written by `encoder-service export`.")],
+    force: Annotated[
+        bool, typer.Option(help="Replace the version if the target already has it.")
+    ] = False,
+    replace_states: Annotated[
+        bool, typer.Option(help="Overwrite feature states the target already has.")
+    ] = False,
+    chunk_size: ChunkOpt = 1000,
+) -> None:
+    """Restore a backup into the configured Redis; every value is read back and compared."""
+    backup = _backup_module()
+    from encoder_service.redis_connection import resolve_redis_url, sync_client
+
+    actor = f"cli:{getpass.getuser()}"
+    with resolve_redis_url(get_settings()) as url:
+        client = sync_client(url)
+        try:
+            with _audited(client, "import", "") as note:
+                note["target"] = backup.read_info(folder)["version"]
+                report = backup.import_version(
+                    client,
+                    folder,
+                    force=force,
+                    replace_states=replace_states,
+                    by=actor,
+                    chunk_size=chunk_size,
+                )
+                note["detail"] = f"{report.users} users from {folder}; status {report.status}"
+        except (ValueError, OSError) as exc:
+            raise _fail(str(exc)) from exc
+    typer.echo(
+        f"imported {report.version} ({report.status}"
+        f"{', active' if report.activated else ''}): {report.users} users, "
+        f"{report.embeddings} embeddings, {report.states_written} states written; "
+        "every value verified"
+    )
+    for note_text in report.notes:
+        typer.echo(f"note: {note_text}")
+
+
 @app.command()
 def audit(
     limit: Annotated[int, typer.Option(min=1, help="Most entries, newest first.")] = 50,
