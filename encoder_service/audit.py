@@ -19,7 +19,7 @@ import logging
 import socket
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -83,6 +83,17 @@ class AuditEntry:
 def cli_origin() -> str:
     """Who is at the terminal, whatever ``--by`` claims: ``<OS user>@<host>``."""
     return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def cli_action(
+    client: redis.Redis, action: str, target: str = "", *, actor: str | None = None
+) -> AbstractContextManager[dict[str, str]]:
+    """Audit the command-line action run inside (see :meth:`AuditLog.action`); ``actor``
+    defaults to ``cli:<OS user>``."""
+    from encoder_service.settings import get_settings
+
+    audit = AuditLog(client, maxlen=get_settings().audit_maxlen)
+    return audit.action(action, actor=actor or f"cli:{getpass.getuser()}", target=target)
 
 
 def _log_line(entry: AuditEntry) -> None:

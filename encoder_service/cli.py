@@ -9,7 +9,6 @@ from __future__ import annotations
 import getpass
 import json
 import logging
-from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,6 +16,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
+from encoder_service.audit import cli_action
 from encoder_service.data.contract import ContractError
 from encoder_service.refresher.cli import deadletters_app, refresh
 from encoder_service.settings import Settings, get_settings
@@ -48,16 +48,6 @@ SyntheticOpt = Annotated[int | None, typer.Option(help="Generate this many synth
 def _fail(message: str) -> typer.Exit:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     return typer.Exit(code=2)
-
-
-def _audited(client: Any, action: str, target: str) -> AbstractContextManager[dict[str, str]]:
-    """Record an admin action run from this command line in the audit log."""
-    from encoder_service.audit import AuditLog, cli_origin
-
-    audit = AuditLog(client, maxlen=get_settings().audit_maxlen)
-    return audit.action(
-        action, actor=f"cli:{getpass.getuser()}", target=target, origin=cli_origin()
-    )
 
 
 @app.callback()
@@ -175,7 +165,7 @@ def _train_and_publish(
 
     with resolve_redis_url(settings) as url:
         client = sync_client(url)
-        with _audited(client, "publish", version) as note:
+        with cli_action(client, "publish", version) as note:
             report = publish_version(
                 client,
                 trained.artifacts(),
@@ -215,7 +205,7 @@ def publish_command(
         raise _fail(f"{model_dir} is not a model version folder: {exc.filename} missing") from exc
     with resolve_redis_url(settings) as url:
         client = sync_client(url)
-        with _audited(client, "publish", artifacts.manifest["version"]) as note:
+        with cli_action(client, "publish", artifacts.manifest["version"]) as note:
             report = publish_from_live_states(
                 client, artifacts, activate=activate, batch_size=settings.publish_batch_size
             )
@@ -299,7 +289,7 @@ def export_command(
     with resolve_redis_url(get_settings()) as url:
         client = sync_client(url)
         try:
-            with _audited(client, "export", version) as note:
+            with cli_action(client, "export", version) as note:
                 report = backup.export_version(client, version, folder, chunk_size=chunk_size)
                 note["detail"] = f"{report.users} users to {folder}"
         except (ValueError, FileExistsError) as exc:
@@ -329,7 +319,7 @@ def import_command(
     with resolve_redis_url(get_settings()) as url:
         client = sync_client(url)
         try:
-            with _audited(client, "import", "") as note:
+            with cli_action(client, "import", "") as note:
                 note["target"] = backup.read_info(folder)["version"]
                 report = backup.import_version(
                     client,

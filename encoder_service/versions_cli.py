@@ -47,22 +47,17 @@ def _by(by: str | None) -> str:
     return by or f"cli:{getpass.getuser()}"
 
 
-def _audit(client: Any) -> Any:
-    from encoder_service.audit import AuditLog
-
-    return AuditLog(client, maxlen=get_settings().audit_maxlen)
-
-
 def _move(
     name: str, by: str | None, action: Callable[[Any], dict[str, Any]], target: str = ""
 ) -> None:
     """Run and audit a registry move, print the resulting status, turn refusals into exit
     code 2."""
+    from encoder_service.audit import cli_action
     from encoder_service.registry import Registry, RegistryError
 
     with _client() as client:
         try:
-            with _audit(client).action(name, actor=_by(by), target=target) as note:
+            with cli_action(client, name, target, actor=_by(by)) as note:
                 manifest = action(Registry(client))
                 note["target"], note["detail"] = manifest["version"], f"status {manifest['status']}"
         except RegistryError as exc:
@@ -160,11 +155,12 @@ def align(
 ) -> None:
     """Fit and store the map SOURCE -> TARGET, so readers can ask `?version=SOURCE&as=TARGET`."""
     from encoder_service.alignment import AlignmentError, align_versions
+    from encoder_service.audit import cli_action
     from encoder_service.registry import RegistryError
 
     with _client() as client:
         try:
-            with _audit(client).action("align", actor=_by(by), target=source) as note:
+            with cli_action(client, "align", source, actor=_by(by)) as note:
                 mapping = align_versions(client, source, target, kind, max_users=max_users)  # type: ignore[arg-type]
                 note["detail"] = f"{source} -> {target} ({kind})"
         except (AlignmentError, RegistryError) as exc:

@@ -141,3 +141,19 @@ def test_an_unreachable_redis_still_leaves_the_log_line(
     assert entry.id == ""
     assert '"action":"promote"' in caplog.text
     assert "not stored in Redis" in caplog.text
+
+
+def test_replaying_dead_letters_is_audited(cli_env: Path, redis_client: redis.Redis) -> None:
+    from encoder_service.refresher.deadletter import DeadLetter, queue_dead_letter
+
+    fields = {b"user_id": b"u1", b"item_id": b"i1", b"timestamp": b"1700000000"}
+    with redis_client.pipeline(transaction=True) as pipe:
+        queue_dead_letter(
+            pipe, DeadLetter("events:{0}", "1-0", fields, "bad weight", 5), maxlen=10_000
+        )
+        (dead_id,) = pipe.execute()
+    result = CliRunner().invoke(cli, ["deadletters", "replay", "--all"])
+    assert result.exit_code == 0, result.stderr
+    (entry,) = AuditLog(redis_client).list(5)
+    assert (entry.action, entry.outcome) == ("deadletters-replay", "ok")
+    assert entry.detail == f"1 replayed: {dead_id.decode()}"
