@@ -264,6 +264,15 @@ def export_version(
 # --- import -----------------------------------------------------------------------------------
 
 
+def peek_version(folder: Path) -> str:
+    """The version a backup folder claims to hold, unverified ("" if unreadable): for naming
+    the target of an import before :func:`read_info` has checked anything."""
+    try:
+        return str(orjson.loads((folder / INFO_FILE).read_bytes())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 def read_info(folder: Path) -> dict[str, Any]:
     """``backup.json``, after checking the format and every file's SHA-256.
 

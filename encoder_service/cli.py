@@ -319,8 +319,7 @@ def import_command(
     with resolve_redis_url(get_settings()) as url:
         client = sync_client(url)
         try:
-            with cli_action(client, "import", "") as note:
-                note["target"] = backup.read_info(folder)["version"]
+            with cli_action(client, "import", backup.peek_version(folder)) as note:
                 report = backup.import_version(
                     client,
                     folder,
