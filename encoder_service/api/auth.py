@@ -49,7 +49,7 @@ Scope = Literal["read", "ingest", "admin"]
 SCOPES: frozenset[str] = frozenset(get_args(Scope))
 SALT_BYTES = 16
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
-_HEX_SALT = re.compile(r"[0-9a-f]{16,128}")
+_HEX_SALT = re.compile(r"(?:[0-9a-f]{2}){8,64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 _SEPARATORS = re.compile(r"[,\n]")
 

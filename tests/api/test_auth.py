@@ -167,6 +167,8 @@ def test_entries_parse_with_spaces_and_upper_case_hex() -> None:
     [
         ("reader:read:plain-text-key", "hex digest"),
         (f"reader:read:{'a' * 63}", "hex digest"),
+        (f"reader:read:{'a' * 31}:{'a' * 64}", "hex salt"),
+        (f"reader:read:{'a' * 8}:{'a' * 64}", "hex salt"),
         (f"reader:write:{'a' * 64}", "scopes"),
         (f"reader::{'a' * 64}", "scopes"),
         (f"reader:{'a' * 64}", "is not"),
