@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint audit bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml downstream_adapters/pyproject.toml
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[train,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[train,dev,backup]'
 	$(BIN)/python -m pip install --quiet -e './downstream_adapters[torch,eval]'
 	touch $(STAMP)
 
@@ -33,8 +33,17 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check encoder_service downstream_adapters tests benchmarks
 
+# Known vulnerabilities in the installed dependencies (pip-audit, in its own virtualenv, auditing
+# .venv). Fails only when a fixed release exists; see .ci/dependency_audit.py.
+AUDIT_VENV ?= .venv-audit
+audit: $(STAMP)
+	@{ test -x $(AUDIT_VENV)/bin/pip-audit || { $(PYTHON) -m venv $(AUDIT_VENV) && \
+	   $(AUDIT_VENV)/bin/python -m pip install --quiet pip-audit; }; } || \
+	 { echo "audit: SKIPPED, pip-audit could not be installed (no package index reachable)"; exit 0; }; \
+	 PIPAPI_PYTHON_LOCATION=$(BIN)/python $(AUDIT_VENV)/bin/python .ci/dependency_audit.py
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/stage1_bench.py --json benchmarks/results/stage1.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(AUDIT_VENV) .pytest_cache

@@ -6,13 +6,17 @@ and the read-only commands start without torch installed.
 
 from __future__ import annotations
 
+import getpass
+import json
 import logging
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import typer
 
+from encoder_service.audit import cli_action
 from encoder_service.data.contract import ContractError
 from encoder_service.refresher.cli import deadletters_app, refresh
 from encoder_service.settings import Settings, get_settings
@@ -161,15 +165,17 @@ def _train_and_publish(
 
     with resolve_redis_url(settings) as url:
         client = sync_client(url)
-        report = publish_version(
-            client,
-            trained.artifacts(),
-            trained.user_ids,
-            trained.states,
-            features=trained.features,
-            activate=activate,
-            batch_size=settings.publish_batch_size,
-        )
+        with cli_action(client, "publish", version) as note:
+            report = publish_version(
+                client,
+                trained.artifacts(),
+                trained.user_ids,
+                trained.states,
+                features=trained.features,
+                activate=activate,
+                batch_size=settings.publish_batch_size,
+            )
+            note["detail"] = f"{report.users} users; active {report.active}"
         sample = trained.user_ids[0]
         typer.echo(
             f"published {report.users} users as {report.version} into {url} "
@@ -198,9 +204,12 @@ def publish_command(
     except FileNotFoundError as exc:
         raise _fail(f"{model_dir} is not a model version folder: {exc.filename} missing") from exc
     with resolve_redis_url(settings) as url:
-        report = publish_from_live_states(
-            sync_client(url), artifacts, activate=activate, batch_size=settings.publish_batch_size
-        )
+        client = sync_client(url)
+        with cli_action(client, "publish", artifacts.manifest["version"]) as note:
+            report = publish_from_live_states(
+                client, artifacts, activate=activate, batch_size=settings.publish_batch_size
+            )
+            note["detail"] = f"{report.users} users; active {report.active}"
     typer.echo(f"published {report.users} users as {report.version}; active: {report.active}")
 
 
@@ -252,21 +261,152 @@ def serve(
     )
 
 
+def _backup_module() -> Any:
+    try:
+        from encoder_service import backup
+    except ImportError as exc:
+        raise _fail(
+            f"backup and restore need the 'backup' extra ({exc.name} is missing): "
+            "pip install 'encoder-service[backup]'"
+        ) from exc
+    return backup
+
+
+ChunkOpt = Annotated[int, typer.Option(min=1, help="Users per SCAN/MGET and read batch.")]
+
+
+@app.command("export")
+def export_command(
+    version: Annotated[str, typer.Argument(help="The version to back up.")],
+    folder: Annotated[Path, typer.Argument(help="A new (or empty) folder for the backup.")],
+    chunk_size: ChunkOpt = 1000,
+) -> None:
+    """Back up a version (embeddings, feature states, meta, manifest, model, alignment maps)
+    to Parquet files in FOLDER."""
+    backup = _backup_module()
+    from encoder_service.redis_connection import resolve_redis_url, sync_client
+
+    with resolve_redis_url(get_settings()) as url:
+        client = sync_client(url)
+        try:
+            with cli_action(client, "export", version) as note:
+                report = backup.export_version(client, version, folder, chunk_size=chunk_size)
+                note["detail"] = f"{report.users} users to {folder}"
+        except (ValueError, FileExistsError) as exc:
+            raise _fail(str(exc)) from exc
+    typer.echo(
+        f"exported {report.version}: {report.users} users ({report.embeddings} embeddings, "
+        f"{report.states} states){' [active]' if report.was_active else ''} to {folder}"
+    )
+
+
+@app.command("import")
+def import_command(
+    folder: Annotated[Path, typer.Argument(help="A folder written by `encoder-service export`.")],
+    force: Annotated[
+        bool, typer.Option(help="Replace the version if the target already has it.")
+    ] = False,
+    replace_states: Annotated[
+        bool, typer.Option(help="Overwrite feature states the target already has.")
+    ] = False,
+    chunk_size: ChunkOpt = 1000,
+) -> None:
+    """Restore a backup into the configured Redis; every value is read back and compared."""
+    backup = _backup_module()
+    from encoder_service.redis_connection import resolve_redis_url, sync_client
+
+    actor = f"cli:{getpass.getuser()}"
+    with resolve_redis_url(get_settings()) as url:
+        client = sync_client(url)
+        try:
+            with cli_action(client, "import", backup.peek_version(folder)) as note:
+                report = backup.import_version(
+                    client,
+                    folder,
+                    force=force,
+                    replace_states=replace_states,
+                    by=actor,
+                    chunk_size=chunk_size,
+                )
+                note["detail"] = f"{report.users} users from {folder}; status {report.status}"
+        except (ValueError, OSError) as exc:
+            raise _fail(str(exc)) from exc
+    typer.echo(
+        f"imported {report.version} ({report.status}"
+        f"{', active' if report.activated else ''}): {report.users} users, "
+        f"{report.embeddings} embeddings, {report.states_written} states written; "
+        "every value verified"
+    )
+    for note_text in report.notes:
+        typer.echo(f"note: {note_text}")
+
+
+@app.command()
+def audit(
+    limit: Annotated[int, typer.Option(min=1, help="Most entries, newest first.")] = 50,
+    action: Annotated[str | None, typer.Option(help="Only this action, e.g. promote.")] = None,
+    actor: Annotated[str | None, typer.Option(help="Only this key name or CLI user.")] = None,
+    version: Annotated[str | None, typer.Option(help="Only actions on this version.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """List the audit log of admin actions (API and command line), newest first."""
+    from encoder_service.audit import AuditLog
+    from encoder_service.redis_connection import resolve_redis_url, sync_client
+
+    with resolve_redis_url(get_settings()) as url:
+        entries = AuditLog(sync_client(url)).list(limit, action=action, actor=actor, target=version)
+    for e in entries:
+        if as_json:
+            typer.echo(json.dumps(e.as_dict()))
+            continue
+        when = datetime.fromtimestamp(e.at, UTC).isoformat(timespec="seconds")
+        typer.echo(
+            f"{when}  {e.via:<3} {e.actor:<20} {e.action:<10} {e.target or '-':<12} "
+            f"{e.outcome:<7} {e.origin}  {e.detail}"
+        )
+
+
+ScopeOpt = Annotated[
+    list[str] | None, typer.Option(help="read, ingest or admin (repeatable; default read).")
+]
+KEYS_HINT = "append to ENCODER_API_KEYS (comma-separated) or to the ENCODER_API_KEYS_FILE file"
+
+
 @keys_app.command("new")
 def keys_new(
     name: Annotated[str, typer.Argument(help="Who holds the key (appears in logs and metrics).")],
-    scope: Annotated[
-        list[str] | None, typer.Option(help="read, ingest or admin (repeatable; default read).")
-    ] = None,
+    scope: ScopeOpt = None,
 ) -> None:
-    """Create an API key: prints the key (give it to the caller) and its config entry."""
+    """Create an API key: prints the key (give it to the caller) and its salted config entry."""
     from encoder_service.api.auth import new_api_key
 
     try:
         key, entry = new_api_key(name, scope or ["read"])
     except ValueError as exc:
         raise _fail(str(exc)) from exc
-    typer.echo(f"key:   {key}\nentry: {entry}   (append to ENCODER_API_KEYS, comma-separated)")
+    typer.echo(f"key:   {key}\nentry: {entry}   ({KEYS_HINT})")
+
+
+@keys_app.command("hash")
+def keys_hash(
+    name: Annotated[str, typer.Argument(help="Who holds the key.")],
+    scope: ScopeOpt = None,
+) -> None:
+    """Read an existing key from standard input and print its salted config entry.
+
+    This migrates an older unsalted entry without handing out a new key. The key is read from
+    standard input, never from the command line, so it stays out of shell history and `ps`.
+    """
+    from encoder_service.api.auth import api_key_entry
+
+    key = typer.get_text_stream("stdin").readline().strip()
+    if not key:
+        raise _fail("no key on standard input: pipe it in, e.g. `keys hash NAME < keyfile`")
+    try:
+        entry = api_key_entry(name, scope or ["read"], key)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(f"entry: {entry}   ({KEYS_HINT})")
 
 
 if __name__ == "__main__":

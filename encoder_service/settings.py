@@ -56,9 +56,32 @@ class Settings(BaseSettings):
     api_keys: str = Field(
         default="",
         description=(
-            "Comma-separated `name:scope+scope:sha256hex` entries; the hex is the SHA-256 "
-            "of the key, so config never holds a usable key."
+            "Comma-separated `name:scope+scope:salt:digest` entries (`encoder-service keys "
+            "new`); the digest is a salted HMAC-SHA256 of the key, so config never holds a "
+            "usable key."
         ),
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description=(
+            "File of more key entries (comma- or newline-separated, `#` comments), re-read "
+            "when it changes and on SIGHUP: keys rotate without a restart."
+        ),
+    )
+    api_keys_reload_seconds: float = Field(
+        default=2.0, gt=0, description="How often the API checks whether the keys file changed."
+    )
+    cors_origins: str = Field(
+        default="",
+        description=(
+            "Comma-separated browser origins allowed to call the API (CORS), e.g. "
+            "`https://dash.example.org`; empty (the default) sends no CORS headers at all."
+        ),
+    )
+    audit_maxlen: int = Field(
+        default=100_000,
+        ge=100,
+        description="Approximate cap (`MAXLEN ~`) of the audit stream `{registry}:audit`.",
     )
     api_version_cache_ttl: float = Field(
         default=1.0,
@@ -74,6 +97,11 @@ class Settings(BaseSettings):
     api_access_log: bool = Field(
         default=False, description="Log every request (costs a noticeable share of throughput)."
     )
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """``cors_origins`` split into origins; empty means CORS stays off."""
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     # --- refresher ---------------------------------------------------------------------------
     stream_shards: int = Field(

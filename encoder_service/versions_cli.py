@@ -1,7 +1,8 @@
 """``encoder-service versions``: the version lifecycle from a terminal.
 
 Every move is the same registry transaction the admin API runs, recorded with ``--by`` (default
-the local user), so the status history says who did what whichever door they used.
+the local user), so the status history says who did what whichever door they used; the audit
+log also records the OS user and host behind it, and refusals as well as successes.
 """
 
 from __future__ import annotations
@@ -46,13 +47,19 @@ def _by(by: str | None) -> str:
     return by or f"cli:{getpass.getuser()}"
 
 
-def _move(action: Callable[[Any], dict[str, Any]]) -> None:
-    """Run a registry move, print the resulting status, turn refusals into exit code 2."""
+def _move(
+    name: str, by: str | None, action: Callable[[Any], dict[str, Any]], target: str = ""
+) -> None:
+    """Run and audit a registry move, print the resulting status, turn refusals into exit
+    code 2."""
+    from encoder_service.audit import cli_action
     from encoder_service.registry import Registry, RegistryError
 
     with _client() as client:
         try:
-            manifest = action(Registry(client))
+            with cli_action(client, name, target, actor=_by(by)) as note:
+                manifest = action(Registry(client))
+                note["target"], note["detail"] = manifest["version"], f"status {manifest['status']}"
         except RegistryError as exc:
             raise _fail(str(exc)) from exc
     last = manifest["status_history"][-1]
@@ -91,19 +98,19 @@ def show(version: VersionArg) -> None:
 @app.command()
 def promote(version: VersionArg, by: ByOpt = None) -> None:
     """Make VERSION active atomically; the previous active one becomes deprecated."""
-    _move(lambda r: r.promote(version, by=_by(by)))
+    _move("promote", by, lambda r: r.promote(version, by=_by(by)), version)
 
 
 @app.command()
 def rollback(by: ByOpt = None) -> None:
     """Make the version the active one replaced active again, atomically."""
-    _move(lambda r: r.rollback(by=_by(by)))
+    _move("rollback", by, lambda r: r.rollback(by=_by(by)))
 
 
 @app.command()
 def deprecate(version: VersionArg, by: ByOpt = None) -> None:
     """Mark VERSION deprecated: still refreshed and served, readers should move."""
-    _move(lambda r: r.deprecate(version, by=_by(by)))
+    _move("deprecate", by, lambda r: r.deprecate(version, by=_by(by)), version)
 
 
 @app.command()
@@ -114,7 +121,12 @@ def retire(
     by: ByOpt = None,
 ) -> None:
     """Stop refreshing and serving VERSION; refused while an API key still reads it."""
-    _move(lambda r: r.retire(version, by=_by(by), force=force, recent_seconds=recent_hours * 3600))
+    _move(
+        "retire",
+        by,
+        lambda r: r.retire(version, by=_by(by), force=force, recent_seconds=recent_hours * 3600),
+        version,
+    )
 
 
 @app.command()
@@ -139,14 +151,18 @@ def align(
     max_users: Annotated[
         int, typer.Option(min=1, help="Fit on at most this many users.")
     ] = 100_000,
+    by: ByOpt = None,
 ) -> None:
     """Fit and store the map SOURCE -> TARGET, so readers can ask `?version=SOURCE&as=TARGET`."""
     from encoder_service.alignment import AlignmentError, align_versions
+    from encoder_service.audit import cli_action
     from encoder_service.registry import RegistryError
 
     with _client() as client:
         try:
-            mapping = align_versions(client, source, target, kind, max_users=max_users)  # type: ignore[arg-type]
+            with cli_action(client, "align", source, actor=_by(by)) as note:
+                mapping = align_versions(client, source, target, kind, max_users=max_users)  # type: ignore[arg-type]
+                note["detail"] = f"{source} -> {target} ({kind})"
         except (AlignmentError, RegistryError) as exc:
             raise _fail(str(exc)) from exc
     m = mapping.metrics

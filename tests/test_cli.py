@@ -75,6 +75,10 @@ def test_every_command_has_help() -> None:
         ["get", "--help"],
         ["serve", "--help"],
         ["keys", "new", "--help"],
+        ["keys", "hash", "--help"],
+        ["export", "--help"],
+        ["import", "--help"],
+        ["audit", "--help"],
         ["versions", "list", "--help"],
     ):
         result = _run(*command)

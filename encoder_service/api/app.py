@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from encoder_service import __version__
 from encoder_service.api.auth import Authenticator
+from encoder_service.api.cors import install_cors
 from encoder_service.api.fastpath import EmbeddingFastPath
 from encoder_service.api.metrics import MetricsMiddleware
 from encoder_service.api.problems import install_problem_handlers
@@ -36,7 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        with resolve_redis_url(settings) as url:
+        with resolve_redis_url(settings) as url, authenticator.reloading_on_sighup():
             client = async_client(url)
             app.state.service = service = EmbeddingService(
                 client,
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.add_middleware(EmbeddingFastPath)
     app.add_middleware(MetricsMiddleware)  # added last: outermost, so it times the fast path too
+    install_cors(app, settings)  # outside everything, so preflights never meet auth
     for router in ROUTERS:
         app.include_router(router)
     app.include_router(events.router)

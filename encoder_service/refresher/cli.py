@@ -131,6 +131,7 @@ def deadletters_replay(
     replay_all: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
 ) -> None:
     """Append dead letters to their user's stream again (after a fix) and remove them here."""
+    from encoder_service.audit import cli_action
     from encoder_service.redis_connection import resolve_redis_url, sync_client
     from encoder_service.refresher.deadletter import replay
 
@@ -139,13 +140,19 @@ def deadletters_replay(
         raise typer.Exit(code=2)
     settings = get_settings()
     with resolve_redis_url(settings) as url:
+        client = sync_client(url)
         try:
-            moved = replay(
-                sync_client(url),
-                ids=None if replay_all else ids,
-                shards=settings.stream_shards,
-                maxlen=settings.stream_maxlen,
-            )
+            with cli_action(client, "deadletters-replay", "") as note:
+                moved = replay(
+                    client,
+                    ids=None if replay_all else ids,
+                    shards=settings.stream_shards,
+                    maxlen=settings.stream_maxlen,
+                )
+                shown = " ".join(dead_id for dead_id, _ in moved[:20])
+                note["detail"] = (
+                    f"{len(moved)} replayed: {shown}{' ...' if len(moved) > 20 else ''}"
+                )
         except ValueError as exc:
             typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
             raise typer.Exit(code=2) from exc

@@ -20,7 +20,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from encoder_service.api.app import create_app
-from encoder_service.api.auth import hash_api_key
+from encoder_service.api.auth import api_key_entry
 from encoder_service.registry import Registry
 from encoder_service.settings import Settings
 from encoder_service.store import EmbeddingStore, decode_embedding
@@ -28,7 +28,7 @@ from encoder_service.store import EmbeddingStore, decode_embedding
 DIM = 16
 UPDATED_AT = 1_718_000_000.5
 KEYS = {"read": "test-read-key", "ingest": "test-ingest-key", "admin": "test-admin-key"}
-API_KEYS = ",".join(f"{scope}-client:{scope}:{hash_api_key(k)}" for scope, k in KEYS.items())
+API_KEYS = ",".join(api_key_entry(f"{scope}-client", [scope], k) for scope, k in KEYS.items())
 BATCH_LIMIT = 50
 TRANSPORTS = ["asgi", "http"]
 

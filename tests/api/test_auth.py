@@ -165,8 +165,10 @@ def test_entries_parse_with_spaces_and_upper_case_hex() -> None:
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
-        ("reader:read:plain-text-key", "SHA-256 hex"),
-        (f"reader:read:{'a' * 63}", "SHA-256 hex"),
+        ("reader:read:plain-text-key", "hex digest"),
+        (f"reader:read:{'a' * 63}", "hex digest"),
+        (f"reader:read:{'a' * 31}:{'a' * 64}", "hex salt"),
+        (f"reader:read:{'a' * 8}:{'a' * 64}", "hex salt"),
         (f"reader:write:{'a' * 64}", "scopes"),
         (f"reader::{'a' * 64}", "scopes"),
         (f"reader:{'a' * 64}", "is not"),
@@ -180,7 +182,7 @@ def test_bad_entries_are_refused(entry: str, message: str) -> None:
 
 
 def test_the_app_refuses_to_start_with_bad_keys(redis_url: str) -> None:
-    with pytest.raises(ValueError, match="SHA-256"):
+    with pytest.raises(ValueError, match="hex digest"):
         create_app(make_settings(redis_url, api_keys="reader:read:hunter2"))
 
 

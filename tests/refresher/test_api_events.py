@@ -14,7 +14,7 @@ import pytest_asyncio
 import redis
 
 from encoder_service.api.app import create_app
-from encoder_service.api.auth import hash_api_key
+from encoder_service.api.auth import api_key_entry
 from encoder_service.data.contract import Event
 from encoder_service.encoder import Encoder
 from encoder_service.events import stream_for, stream_key
@@ -27,7 +27,7 @@ from tests.refresher.conftest import (
 )
 
 KEYS = {"ingest": "test-ingest-key", "read": "test-read-key"}
-API_KEYS = ",".join(f"{scope}-client:{scope}:{hash_api_key(k)}" for scope, k in KEYS.items())
+API_KEYS = ",".join(api_key_entry(f"{scope}-client", [scope], k) for scope, k in KEYS.items())
 BATCH_LIMIT = 20
 SHARDS = 2
 PROBLEM_JSON = "application/problem+json"
