@@ -156,20 +156,23 @@ def _train_and_publish(
     )
     if not publish:
         return
-    from encoder_service.publish import publish_version
+    from encoder_service.publish import StoreFullError, publish_version
     from encoder_service.redis_connection import resolve_redis_url, sync_client
 
     with resolve_redis_url(settings) as url:
         client = sync_client(url)
-        report = publish_version(
-            client,
-            trained.artifacts(),
-            trained.user_ids,
-            trained.states,
-            features=trained.features,
-            activate=activate,
-            batch_size=settings.publish_batch_size,
-        )
+        try:
+            report = publish_version(
+                client,
+                trained.artifacts(),
+                trained.user_ids,
+                trained.states,
+                features=trained.features,
+                activate=activate,
+                batch_size=settings.publish_batch_size,
+            )
+        except StoreFullError as exc:
+            raise _fail(str(exc)) from exc
         sample = trained.user_ids[0]
         typer.echo(
             f"published {report.users} users as {report.version} into {url} "
@@ -189,7 +192,7 @@ def publish_command(
 ) -> None:
     """Publish a trained version for every user whose feature state is live in Redis."""
     from encoder_service.encoder import ModelArtifacts
-    from encoder_service.publish import publish_from_live_states
+    from encoder_service.publish import StoreFullError, publish_from_live_states
     from encoder_service.redis_connection import resolve_redis_url, sync_client
 
     settings = get_settings()
@@ -198,9 +201,15 @@ def publish_command(
     except FileNotFoundError as exc:
         raise _fail(f"{model_dir} is not a model version folder: {exc.filename} missing") from exc
     with resolve_redis_url(settings) as url:
-        report = publish_from_live_states(
-            sync_client(url), artifacts, activate=activate, batch_size=settings.publish_batch_size
-        )
+        try:
+            report = publish_from_live_states(
+                sync_client(url),
+                artifacts,
+                activate=activate,
+                batch_size=settings.publish_batch_size,
+            )
+        except StoreFullError as exc:
+            raise _fail(str(exc)) from exc
     typer.echo(f"published {report.users} users as {report.version}; active: {report.active}")
 
 

@@ -75,7 +75,6 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-
 def protocol_for(settings: Settings) -> type[HeaderDeadlineProtocol]:
     """The protocol class with ``settings``' header timeout bound, for a single-process server."""
     return type(
