@@ -133,8 +133,6 @@ def parse_weight(value: Any, field: str = "weight") -> float:
     except (TypeError, ValueError):
         raise ContractError(f"{str(value)[:40]!r} is not a number", field=field) from None
     if math.isnan(weight):
-        if isinstance(value, str):  # written out as "nan": garbage, not a missing cell
-            raise ContractError("not a finite number", field=field)
         return 1.0
     if not math.isfinite(weight) or not 0.0 <= weight <= MAX_WEIGHT:
         raise ContractError(f"{weight!r} is outside 0 .. {MAX_WEIGHT:g}", field=field)

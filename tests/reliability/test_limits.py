@@ -152,7 +152,7 @@ EVENT = {"user_id": "u1", "item_id": "i1", "timestamp": 1_718_000_000.0}
         ({"user_id": "a b"}, "user_id", "not a valid id"),
         ({"timestamp": time.time() + 3 * 86_400}, "timestamp", "past the latest accepted"),
         ({"timestamp": -1}, "timestamp", "outside the accepted window"),
-        ({"weight": "nan"}, "weight", "not a finite number"),
+        ({"weight": "inf"}, "weight", "outside 0"),
         ({"weight": 1e9}, "weight", "outside 0"),
         ({"context": "x" * 129}, "context", "longer than 128"),
         ({"categories": [f"c{i}" for i in range(65)]}, "categories", "more than 64"),
