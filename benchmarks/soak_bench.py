@@ -263,6 +263,12 @@ def _warmup_s(args: Any) -> float:
     return max(args.minutes * 60 * args.warmup_share, fill_s)
 
 
+def _below(value: float, target: float) -> bool | None:
+    """Whether ``value`` holds its target; None (not judged) when the run was too short to
+    give it, e.g. fewer than three p99 windows after the warm-up."""
+    return None if np.isnan(value) else bool(value < target)
+
+
 def _figures(args: Any, max_rps: float, rate: float, soak: Soak, errors: dict) -> list[dict]:
     after = _warmup_s(args)
     times = np.array([s.at_s for s in soak.samples])
@@ -289,7 +295,7 @@ def _figures(args: Any, max_rps: float, rate: float, soak: Soak, errors: dict) -
         rise,
         "share of median",
         f"< {TARGET_P99_RISE:.0%}",
-        bool(rise < TARGET_P99_RISE),
+        _below(rise, TARGET_P99_RISE),
     )
     for label, attr in (("API", "api_rss_mb"), ("refresher", "refresher_rss_mb")):
         values = np.array([getattr(s, attr) for s in soak.samples])
@@ -300,7 +306,7 @@ def _figures(args: Any, max_rps: float, rate: float, soak: Soak, errors: dict) -
             growth,
             "share",
             f"< {TARGET_RSS_GROWTH:.0%}",
-            bool(growth < TARGET_RSS_GROWTH),
+            _below(growth, TARGET_RSS_GROWTH),
         )
     redis_mb = np.array([s.redis_used_mb for s in soak.samples])
     growth = _growth(times, redis_mb, after)
@@ -310,7 +316,7 @@ def _figures(args: Any, max_rps: float, rate: float, soak: Soak, errors: dict) -
         growth,
         "share",
         f"< {TARGET_REDIS_GROWTH:.0%}",
-        bool(growth < TARGET_REDIS_GROWTH),
+        _below(growth, TARGET_REDIS_GROWTH),
     )
     longest = max(s.stream_entries for s in soak.samples)
     # MAXLEN ~ trims whole macro-nodes: a stream may run up to one node (100 entries) over.
