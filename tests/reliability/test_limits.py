@@ -4,10 +4,17 @@ connections, and event fields outside the contract."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 
@@ -15,6 +22,7 @@ from encoder_service.api.app import create_app
 from encoder_service.api.problems import PROBLEM_JSON, TYPE_PREFIX
 from encoder_service.settings import Settings
 from tests.api.conftest import Catalog, api_client, bearer, make_settings
+from tests.refresher.conftest import repo_root
 from tests.reliability.conftest import read_until_closed, serve
 
 MAX_BODY = 4096
@@ -40,6 +48,12 @@ def server(limited: Settings) -> Iterator[int]:
 
 def _connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _status(response: bytes) -> int:
@@ -197,3 +211,51 @@ def test_the_default_body_limit_fits_every_valid_full_batch() -> None:
     assert len(orjson.dumps({"events": [event] * settings.batch_limit})) < (
         settings.api_max_body_bytes
     )
+
+
+@pytest.mark.slow
+def test_the_served_command_with_several_workers_keeps_the_deadlines(
+    redis_url: str, catalog: Catalog, tmp_path: Path
+) -> None:
+    """``encoder-service serve --workers 2``: worker processes take the protocol by import
+    path and their settings from the environment, so the deadline must reach them that way."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "ENCODER_REDIS_URL": redis_url,
+        "ENCODER_AUTH_MODE": "none",
+        "ENCODER_API_HEADER_TIMEOUT_SECONDS": str(TIMEOUT_S),
+        "ENCODER_API_MAX_BODY_BYTES": str(MAX_BODY),
+    }
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "encoder_service.cli", "serve", "--port", str(port)]
+            + ["--workers", "2"],
+            cwd=repo_root(),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        with _connect(port) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHo")
+            started = time.monotonic()
+            response = read_until_closed(sock, timeout=5)
+        assert response.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 3
+        big = httpx.post(
+            f"http://127.0.0.1:{port}/v1/embeddings:batch",
+            json={"user_ids": ["u1"] * 1000},
+            timeout=10,
+        )
+        assert big.status_code == 413 and big.json()["type"] == TYPE_PREFIX + "body-too-large"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
