@@ -1,9 +1,10 @@
 """Persistence as deployed: ``deploy/valkey.conf`` is what compose and Kubernetes run, the
-embedded server uses the same durability settings, and on a real server killed outright
-(SIGKILL, no shutdown save) every acknowledged write survives, transactions whole."""
+embedded server uses the same durability settings, and a real server killed outright (SIGKILL,
+no shutdown save) keeps all but its last seconds of writes, and transactions whole."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import yaml
@@ -48,7 +49,12 @@ def test_compose_and_kubernetes_run_valkey_with_that_file() -> None:
     assert stateful["spec"]["volumeClaimTemplates"], "no persistent volume"
 
 
-def test_acknowledged_writes_survive_a_sigkill(tmp_path: Path) -> None:
+def test_a_sigkill_loses_at_most_the_last_seconds_and_never_half_a_transaction(
+    tmp_path: Path,
+) -> None:
+    """``appendfsync everysec``: writes older than two seconds (Redis' bound when a slow fsync
+    makes it postpone a write) survive the server being killed outright; the newest may be
+    lost, but a MULTI/EXEC comes back whole or not at all."""
     config = {k: v for k, v in _conf().items() if k != "dir"}  # the test owns the folder
     server = ValkeyServer(host="127.0.0.1", data_dir=tmp_path, persist=True, config=config)
     server.start(timeout=30)
@@ -56,6 +62,7 @@ def test_acknowledged_writes_survive_a_sigkill(tmp_path: Path) -> None:
         client = sync_client(server.connection_url)
         for i in range(2000):
             client.set(f"k{i}", i)
+        time.sleep(2.5)
         with client.pipeline(transaction=True) as pipe:
             pipe.set("state", b"new")
             pipe.set("embedding", b"new")
@@ -66,8 +73,8 @@ def test_acknowledged_writes_survive_a_sigkill(tmp_path: Path) -> None:
         server.start(timeout=30)
         client = sync_client(server.connection_url)
         assert client.mget([f"k{i}" for i in range(2000)]) == [str(i).encode() for i in range(2000)]
-        assert client.mget(["state", "embedding"]) == [b"new", b"new"]
-        assert client.xlen("events:{0}") == 1
+        transaction = (*client.mget(["state", "embedding"]), client.xlen("events:{0}"))
+        assert transaction in {(b"new", b"new", 1), (None, None, 0)}, "half a transaction"
         client.close()
     finally:
         if server.is_running():
