@@ -280,13 +280,12 @@ def _add_problem_schema(openapi: dict[str, Any]) -> dict[str, Any]:
 
 def _add_transport_problems(openapi: dict[str, Any]) -> dict[str, Any]:
     """Declare the refusals of the layers below the routes (``admission.py``, ``body_limit.py``)
-    on every operation they apply to: ``overloaded`` on all but the probes, and the body's size
-    and time limits on every operation that takes a body."""
-    from encoder_service.api.admission import EXEMPT_PATHS
-
+    on every operation they apply to: ``overloaded`` on the ``/v1`` API (the probes and
+    ``/metrics`` outside it are never refused), and the body's size and time limits on every
+    operation that takes a body."""
     for path, operations in openapi.get("paths", {}).items():
         for method, operation in operations.items():
-            kinds = [] if path in EXEMPT_PATHS else [OVERLOADED]
+            kinds = [OVERLOADED] if path.startswith("/v1/") else []
             if method in {"post", "put", "patch", "delete"}:
                 kinds += [BODY_TOO_LARGE, REQUEST_TIMEOUT]
             responses = operation.setdefault("responses", {})
