@@ -160,22 +160,25 @@ def _train_and_publish(
     )
     if not publish:
         return
-    from encoder_service.publish import publish_version
+    from encoder_service.publish import StoreFullError, publish_version
     from encoder_service.redis_connection import resolve_redis_url, sync_client
 
     with resolve_redis_url(settings) as url:
         client = sync_client(url)
-        with cli_action(client, "publish", version) as note:
-            report = publish_version(
-                client,
-                trained.artifacts(),
-                trained.user_ids,
-                trained.states,
-                features=trained.features,
-                activate=activate,
-                batch_size=settings.publish_batch_size,
-            )
-            note["detail"] = f"{report.users} users; active {report.active}"
+        try:
+            with cli_action(client, "publish", version) as note:
+                report = publish_version(
+                    client,
+                    trained.artifacts(),
+                    trained.user_ids,
+                    trained.states,
+                    features=trained.features,
+                    activate=activate,
+                    batch_size=settings.publish_batch_size,
+                )
+                note["detail"] = f"{report.users} users; active {report.active}"
+        except StoreFullError as exc:
+            raise _fail(str(exc)) from exc
         sample = trained.user_ids[0]
         typer.echo(
             f"published {report.users} users as {report.version} into {url} "
@@ -195,7 +198,7 @@ def publish_command(
 ) -> None:
     """Publish a trained version for every user whose feature state is live in Redis."""
     from encoder_service.encoder import ModelArtifacts
-    from encoder_service.publish import publish_from_live_states
+    from encoder_service.publish import StoreFullError, publish_from_live_states
     from encoder_service.redis_connection import resolve_redis_url, sync_client
 
     settings = get_settings()
@@ -205,11 +208,14 @@ def publish_command(
         raise _fail(f"{model_dir} is not a model version folder: {exc.filename} missing") from exc
     with resolve_redis_url(settings) as url:
         client = sync_client(url)
-        with cli_action(client, "publish", artifacts.manifest["version"]) as note:
-            report = publish_from_live_states(
-                client, artifacts, activate=activate, batch_size=settings.publish_batch_size
-            )
-            note["detail"] = f"{report.users} users; active {report.active}"
+        try:
+            with cli_action(client, "publish", artifacts.manifest["version"]) as note:
+                report = publish_from_live_states(
+                    client, artifacts, activate=activate, batch_size=settings.publish_batch_size
+                )
+                note["detail"] = f"{report.users} users; active {report.active}"
+        except StoreFullError as exc:
+            raise _fail(str(exc)) from exc
     typer.echo(f"published {report.users} users as {report.version}; active: {report.active}")
 
 

@@ -22,8 +22,10 @@ An entry is flat string fields, so any Redis client can produce one with ``XADD`
                     ``idempotency_ttl_seconds`` is acknowledged but not applied
 =================== ====================================================================
 
-Unknown fields are ignored. The refresher validates every entry with
-:func:`encoder_service.data.contract.parse_event`, the rules the offline tables obey.
+Unknown fields are ignored, up to ``MAX_ENTRY_FIELDS`` fields in all; no field name or value
+may exceed ``MAX_FIELD_BYTES``. The refresher validates every entry with
+:func:`encoder_service.data.contract.parse_event`, the rules the offline tables obey, and turns
+an entry that breaks them into a dead letter naming the field.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ from encoder_service.data.contract import CATEGORY_SEPARATOR, ContractError, Eve
 
 STREAM_PREFIX = "events:"
 PROFILE_FIELD = "profile"
+MAX_ENTRY_FIELDS = 32
+"""Nine fields are known; the rest is room for producers' own annotations."""
+MAX_FIELD_BYTES = 32_768
+"""Above the largest valid ``profile`` (64 fields of 128-character names and values as JSON)."""
 
 Fields: TypeAlias = Mapping[bytes, bytes] | Mapping[str, str]
 """An entry's fields: bytes as Redis returns them, or text as a producer writes them."""
@@ -91,11 +97,16 @@ def fields_to_raw(fields: Fields) -> dict[str, Any]:
     """The mapping :func:`parse_event` validates, from an entry as Redis returns it.
 
     Raises:
-        ContractError: a field is not UTF-8, or ``profile`` is not a JSON object.
+        ContractError: too many fields, a field too long or not UTF-8, or ``profile`` is not
+            a JSON object.
     """
+    if len(fields) > MAX_ENTRY_FIELDS:
+        raise ContractError(f"{len(fields)} fields; at most {MAX_ENTRY_FIELDS} are allowed")
     raw: dict[str, Any] = {}
     items: Iterable[tuple[bytes | str, bytes | str]] = fields.items()
     for key, value in items:
+        if len(key) > MAX_FIELD_BYTES or len(value) > MAX_FIELD_BYTES:
+            raise ContractError(f"longer than {MAX_FIELD_BYTES} bytes", field=_printable(key))
         try:
             name = key.decode() if isinstance(key, bytes) else key
             raw[name] = value.decode() if isinstance(value, bytes) else value
@@ -108,6 +119,16 @@ def fields_to_raw(fields: Fields) -> dict[str, Any]:
         except orjson.JSONDecodeError:
             raise ContractError("not a JSON object", field=PROFILE_FIELD) from None
     return raw
+
+
+def _printable(name: bytes | str) -> str:
+    """A field name fit for a dead letter's reason: decoded if it can be, and short."""
+    if isinstance(name, bytes):
+        try:
+            name = name.decode()
+        except UnicodeDecodeError:
+            return repr(name)[:40]
+    return name[:40]
 
 
 def _appends(events: Iterable[Event], shards: int) -> list[tuple[str, dict[str, str]]]:

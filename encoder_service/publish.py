@@ -55,6 +55,30 @@ class PublishConflictError(RuntimeError):
     """A user's state changed under every one of the backfill's tries."""
 
 
+class StoreFullError(RuntimeError):
+    """Redis refused a write at ``maxmemory``; the partial version was removed."""
+
+
+def _store_full(client: redis.Redis, version: str, exc: redis.OutOfMemoryError) -> StoreFullError:
+    """The error to raise when Redis ran out of memory during the publish of ``version``.
+
+    Says what happened, what was undone and what still serves, so that an operator reading
+    one line knows the service is intact and what to change.
+    """
+    try:
+        limit = int(client.config_get("maxmemory").get("maxmemory", 0))
+        active = Registry(client).active()
+    except redis.RedisError:  # CONFIG may be disabled on a managed server
+        limit, active = 0, None
+    size = f" ({limit / 2**20:.0f} MiB)" if limit else ""
+    return StoreFullError(
+        f"Redis is out of memory: it refused a write at its maxmemory limit{size} while "
+        f"publishing {version!r} ({exc}). The partial version was removed; the active version "
+        f"{active!r} is untouched and still served. Free memory or raise maxmemory, then "
+        "publish again."
+    )
+
+
 @dataclass(frozen=True)
 class PublishReport:
     """What a publish did, for the CLI to print and benchmarks to record."""
@@ -105,6 +129,7 @@ def publish_version(
     store = EmbeddingStore(client)
     existing = _existing(registry, artifacts)
     started = time.perf_counter()
+    manifest = {**artifacts.manifest, "published_at": ""}
     try:
         for lo, hi in _batches(len(user_ids), batch_size, progress, "publish"):
             batch_states = states[lo:hi]
@@ -118,13 +143,16 @@ def publish_version(
             )
             if write_states:
                 store.write_states(user_ids[lo:hi], [s.to_bytes() for s in batch_states])
-    except BaseException:
+        manifest["published_at"] = datetime.now(UTC).isoformat()
+        registry.register(manifest, artifacts.model, artifacts.catalog, by=by)
+    except BaseException as exc:
         if existing is None:
             log.error("publish of %s failed; removing its partial keys", encoder.version)
+            registry.unregister(encoder.version)
             store.delete_version(encoder.version)
+        if isinstance(exc, redis.OutOfMemoryError):
+            raise _store_full(client, encoder.version, exc) from exc
         raise
-    manifest = {**artifacts.manifest, "published_at": datetime.now(UTC).isoformat()}
-    registry.register(manifest, artifacts.model, artifacts.catalog, by=by)
     alignment = _align_to_parent(client, manifest)
     if activate or (activate is None and registry.active() is None):
         registry.promote(encoder.version, by=by)
@@ -171,8 +199,8 @@ def publish_from_live_states(
     started = time.perf_counter()
     registered_at = time.time()
     manifest = {**artifacts.manifest, "published_at": datetime.now(UTC).isoformat()}
-    registry.register(manifest, artifacts.model, artifacts.catalog, by=by)
     try:
+        registry.register(manifest, artifacts.model, artifacts.catalog, by=by)
         users = list(dict.fromkeys(store.iter_state_users()))
         written = 0
         for lo, hi in _batches(len(users), batch_size, progress, "backfill"):
@@ -181,11 +209,13 @@ def publish_from_live_states(
         late = _touched_since(client, registered_at - CLOCK_SKEW_SECONDS, set(users))
         for lo in range(0, len(late), batch_size):
             _write_current(client, encoder, late[lo : lo + batch_size])
-    except BaseException:
+    except BaseException as exc:
         if existing is None:
             log.error("publish of %s failed; removing it and its partial keys", encoder.version)
             registry.unregister(encoder.version)
             store.delete_version(encoder.version)
+        if isinstance(exc, redis.OutOfMemoryError):
+            raise _store_full(client, encoder.version, exc) from exc
         raise
     alignment = _align_to_parent(client, manifest)
     if activate or (activate is None and registry.active() is None):

@@ -97,6 +97,39 @@ class Settings(BaseSettings):
     api_access_log: bool = Field(
         default=False, description="Log every request (costs a noticeable share of throughput)."
     )
+    api_max_in_flight: int = Field(
+        default=256,
+        ge=1,
+        description="Requests one API worker works on at once; beyond it a request is refused "
+        "at once with 503 `overloaded` and `Retry-After`, so accepted requests keep a bounded "
+        "latency instead of queueing without bound. Probes and /metrics are never refused.",
+    )
+    api_max_body_bytes: int = Field(
+        default=1_048_576,
+        ge=1024,
+        description="Largest request body; a larger declared `Content-Length` is refused with "
+        "413 before the body is read, a longer chunked body as soon as it passes the limit.",
+    )
+    api_body_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="A request body must arrive in full within this long, else 408.",
+    )
+    api_header_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="A connection must deliver a request's headers within this long of opening "
+        "(or of its first byte, on a kept-alive connection), else it is answered 408 and closed.",
+    )
+    api_keep_alive_seconds: int = Field(
+        default=5, ge=1, description="An idle kept-alive connection is closed after this long."
+    )
+    event_max_future_seconds: float = Field(
+        default=86_400.0,
+        ge=0,
+        description="Online events (API and streams) timestamped further than this ahead of "
+        "the receiving clock are refused: one would dominate a user's time-decayed state.",
+    )
 
     @property
     def cors_origin_list(self) -> list[str]:

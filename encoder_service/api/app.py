@@ -9,7 +9,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from encoder_service import __version__
+from encoder_service.api.admission import AdmissionLimit
 from encoder_service.api.auth import Authenticator
+from encoder_service.api.body_limit import BodyLimit
 from encoder_service.api.cors import install_cors
 from encoder_service.api.fastpath import EmbeddingFastPath
 from encoder_service.api.metrics import MetricsMiddleware
@@ -60,7 +62,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.authenticator = authenticator
     install_problem_handlers(app)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.api_max_body_bytes,
+        timeout_seconds=settings.api_body_timeout_seconds,
+    )
     app.add_middleware(EmbeddingFastPath)
+    # Outside the fast path, so it sheds single GETs too; inside the metrics, so refusals are
+    # timed and counted by status like any answer.
+    app.add_middleware(
+        AdmissionLimit,
+        max_in_flight=settings.api_max_in_flight,
+        retry_after_seconds=settings.retry_after_seconds,
+    )
     app.add_middleware(MetricsMiddleware)  # added last: outermost, so it times the fast path too
     install_cors(app, settings)  # outside everything, so preflights never meet auth
     for router in ROUTERS:

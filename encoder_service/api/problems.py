@@ -39,7 +39,8 @@ TYPE_PREFIX = "urn:encoder-service:problem:"
 _REF = "#/components/schemas/"
 _RETRY_AFTER_DOC = {
     "Retry-After": {
-        "description": "Seconds to wait before retrying; sent when the store is unreachable.",
+        "description": "Seconds to wait before retrying; sent when the store is unreachable "
+        "or the server is overloaded.",
         "schema": {"type": "integer"},
     }
 }
@@ -83,6 +84,15 @@ FORBIDDEN = ProblemType(
 )
 REDIS_UNAVAILABLE = ProblemType(
     "store-unavailable", 503, "Embedding store unavailable", "the embedding store cannot be reached"
+)
+OVERLOADED = ProblemType(
+    "overloaded", 503, "Server overloaded", "the server is at capacity; retry after a moment"
+)
+BODY_TOO_LARGE = ProblemType(
+    "body-too-large", 413, "Request body too large", "the body exceeds 1048576 bytes"
+)
+REQUEST_TIMEOUT = ProblemType(
+    "request-timeout", 408, "Request timeout", "the request body did not arrive within 10 s"
 )
 CORRUPT_EMBEDDING = ProblemType(
     "corrupt-embedding", 500, "Stored embedding unreadable", "the stored embedding is unreadable"
@@ -200,7 +210,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_middleware(UnhandledErrorMiddleware)
 
     def openapi() -> dict[str, Any]:
-        return _add_problem_schema(FastAPI.openapi(app))
+        return _add_transport_problems(_add_problem_schema(FastAPI.openapi(app)))
 
     app.openapi = openapi  # type: ignore[method-assign]
 
@@ -255,7 +265,7 @@ def problem_responses(*kinds: ProblemType) -> dict[int | str, dict[str, Any]]:
             "description": " or ".join(f"{k.title} (`{k.slug}`)" for k in group),
             "content": {PROBLEM_JSON: {"schema": {"$ref": _REF + "Problem"}, "examples": examples}},
         }
-        if REDIS_UNAVAILABLE in group:
+        if REDIS_UNAVAILABLE in group or OVERLOADED in group:
             responses[status]["headers"] = _RETRY_AFTER_DOC
     return responses
 
@@ -265,4 +275,31 @@ def _add_problem_schema(openapi: dict[str, Any]) -> dict[str, Any]:
     components = openapi.setdefault("components", {}).setdefault("schemas", {})
     components.update(schema.pop("$defs", {}))
     components["Problem"] = schema
+    return openapi
+
+
+def _add_transport_problems(openapi: dict[str, Any]) -> dict[str, Any]:
+    """Declare the refusals of the layers below the routes (``admission.py``, ``body_limit.py``)
+    on every operation they apply to: ``overloaded`` on the ``/v1`` API (the probes and
+    ``/metrics`` outside it are never refused), and the body's size and time limits on every
+    operation that takes a body."""
+    for path, operations in openapi.get("paths", {}).items():
+        for method, operation in operations.items():
+            kinds = [OVERLOADED] if path.startswith("/v1/") else []
+            if method in {"post", "put", "patch", "delete"}:
+                kinds += [BODY_TOO_LARGE, REQUEST_TIMEOUT]
+            responses = operation.setdefault("responses", {})
+            for status, entry in problem_responses(*kinds).items():
+                existing = responses.get(str(status))
+                if existing is None:
+                    responses[str(status)] = entry
+                    continue
+                existing["description"] += " or " + entry["description"]
+                examples = existing.setdefault("content", {}).setdefault(
+                    PROBLEM_JSON, {"schema": {"$ref": _REF + "Problem"}}
+                )
+                examples.setdefault("examples", {}).update(
+                    entry["content"][PROBLEM_JSON]["examples"]
+                )
+                existing.setdefault("headers", {}).update(entry.get("headers", {}))
     return openapi

@@ -17,6 +17,7 @@ import uvicorn
 
 from encoder_service.api.app import create_app
 from encoder_service.api.metrics import MULTIPROC_ENV
+from encoder_service.api.slow_clients import IMPORT_PATH, protocol_for
 from encoder_service.redis_connection import resolve_redis_url
 from encoder_service.settings import Settings
 
@@ -24,13 +25,27 @@ APP_FACTORY = "encoder_service.api.app:create_app"
 REDIS_URL_ENV = "ENCODER_REDIS_URL"
 
 
+def server_options(settings: Settings, *, workers: int = 1) -> dict[str, Any]:
+    """uvicorn's options that bound what a slow or idle client can hold: a kept-alive
+    connection's idle time, and (by the protocol class) the time to send request headers.
+
+    Several workers take the protocol by import path and read its timeout from the
+    environment, like every other setting; one worker gets it bound from ``settings``.
+    """
+    return {
+        "access_log": settings.api_access_log,
+        "server_header": False,
+        "timeout_keep_alive": settings.api_keep_alive_seconds,
+        "http": IMPORT_PATH if workers > 1 else protocol_for(settings),
+    }
+
+
 def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
     """Serve until interrupted (SIGINT/SIGTERM); returns after a graceful shutdown."""
     options: dict[str, Any] = {
         "host": host,
         "port": port,
-        "access_log": settings.api_access_log,
-        "server_header": False,
+        **server_options(settings, workers=workers),
     }
     with resolve_redis_url(settings) as url:
         if workers == 1:

@@ -36,6 +36,7 @@ MAX_TIMESTAMP = 4_102_444_800.0  # 2100-01-01T00:00:00Z
 MAX_WEIGHT = 1e6
 MAX_TEXT_LENGTH = 128
 MAX_PROFILE_FIELDS = 64
+MAX_CATEGORIES = 64
 CATEGORY_SEPARATOR = "|"
 
 DEFAULT_EVENT_TYPE = "interaction"
@@ -82,8 +83,14 @@ def check_id(value: Any, field: str) -> str:
     return text
 
 
-def parse_timestamp(value: Any, field: str = "timestamp") -> float:
-    """Unix seconds from a number or an ISO-8601 string (naive strings are taken as UTC)."""
+def parse_timestamp(
+    value: Any, field: str = "timestamp", *, latest: float = MAX_TIMESTAMP
+) -> float:
+    """Unix seconds from a number or an ISO-8601 string (naive strings are taken as UTC).
+
+    ``latest`` narrows the window's end: online events are held to the receiving clock plus a
+    margin, since one event from the far future would outweigh all of a user's real ones.
+    """
     if isinstance(value, bool) or value is None:
         raise ContractError("missing timestamp", field=field)
     if isinstance(value, (int, float)):
@@ -105,6 +112,12 @@ def parse_timestamp(value: Any, field: str = "timestamp") -> float:
     if not math.isfinite(seconds) or not MIN_TIMESTAMP <= seconds < MAX_TIMESTAMP:
         raise ContractError(
             f"{seconds!r} is outside the accepted window (1970-01-01 .. 2100-01-01)", field=field
+        )
+    if seconds > latest:
+        raise ContractError(
+            f"{seconds!r} is {seconds - latest:.0f} s past the latest accepted time "
+            f"({datetime.fromtimestamp(latest, UTC).isoformat(timespec='seconds')})",
+            field=field,
         )
     return seconds
 
@@ -157,6 +170,8 @@ def parse_categories(value: Any, field: str = "categories") -> tuple[str, ...]:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ()
     parts = value.split(CATEGORY_SEPARATOR) if isinstance(value, str) else list(value)
+    if len(parts) > MAX_CATEGORIES:
+        raise ContractError(f"more than {MAX_CATEGORIES} categories", field=field)
     names: list[str] = []
     for part in parts:
         name = parse_text(part, field)
@@ -182,8 +197,10 @@ class Event:
     idempotency_key: str | None = None
 
 
-def parse_event(raw: Mapping[str, Any]) -> Event:
+def parse_event(raw: Mapping[str, Any], *, latest: float = MAX_TIMESTAMP) -> Event:
     """Validate one event given as a mapping (API body, stream entry, table row).
+
+    ``latest``: the latest timestamp accepted (see :func:`parse_timestamp`).
 
     Raises:
         ContractError: naming the first field that breaks the contract.
@@ -205,7 +222,7 @@ def parse_event(raw: Mapping[str, Any]) -> Event:
     return Event(
         user_id=check_id(raw.get("user_id"), "user_id"),
         item_id=check_id(raw.get("item_id"), "item_id"),
-        timestamp=parse_timestamp(raw.get("timestamp")),
+        timestamp=parse_timestamp(raw.get("timestamp"), latest=latest),
         event_type=parse_text(raw.get("event_type"), "event_type", DEFAULT_EVENT_TYPE)
         or DEFAULT_EVENT_TYPE,
         weight=parse_weight(raw.get("weight")),

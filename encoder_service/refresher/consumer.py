@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
 
 from encoder_service.data.contract import ContractError, parse_event
 from encoder_service.events import fields_to_raw, stream_keys
@@ -43,6 +44,9 @@ Entry = tuple[str, str, dict[bytes, bytes]]
 """A stream entry as read: stream key, entry id, fields (empty once trimmed from the stream)."""
 
 RETRY_WAIT_S = 1.0
+RETRY_BACKOFF = ExponentialBackoff(cap=5.0, base=0.25)
+"""Waits between loop attempts while Redis fails: 0.5 s doubling to 5 s, so a blip costs half a
+second and a long outage is polled gently (redis-py has already retried each command)."""
 GAUGE_INTERVAL_S = 5.0
 FORGET_CONSUMER_AFTER_MS = 3_600_000
 CRASH_FACTOR = 2
@@ -62,6 +66,8 @@ class RefresherConfig:
     max_deliveries: int
     idempotency_ttl: int
     maxlen: int
+    max_future_seconds: float = 86_400.0
+    """Entries timestamped further ahead of this process's clock are dead-lettered."""
     consume: tuple[int, ...] = ()
     """The shards this process reads; empty = all. Giving each process its own shards pins
     every user to one process, which keeps coalescing high and commit conflicts at zero."""
@@ -92,6 +98,7 @@ class RefresherConfig:
             max_deliveries=settings.max_deliveries,
             idempotency_ttl=settings.idempotency_ttl_seconds,
             maxlen=settings.stream_maxlen,
+            max_future_seconds=settings.event_max_future_seconds,
         )
 
     @property
@@ -141,6 +148,7 @@ class Refresher:
         """Refresh until ``stop`` is set; Redis outages are waited out, never fatal."""
         resume_own = True
         next_claim = next_gauges = 0.0
+        failures = 0
         while not stop.is_set():
             try:
                 self.versions.maybe_reload()
@@ -162,13 +170,16 @@ class Refresher:
                 entries = self.read_new(stop)
                 if entries:
                     self.process(entries)
+                failures = 0
             except redis.RedisError as exc:
                 # Unreachable, failing over, out of memory, a stream deleted: wait it out. The
                 # batch in flight is still pending under this consumer, so take that up first.
                 metrics.FAILURES.labels(type(exc).__name__).inc()
-                log.warning("Redis error (%s); retrying in %.0fs", exc, RETRY_WAIT_S)
+                failures += 1
+                wait = RETRY_BACKOFF.compute(failures)
+                log.warning("Redis error (%s); retry %d in %.1fs", exc, failures, wait)
                 resume_own = True
-                stop.wait(RETRY_WAIT_S)
+                stop.wait(wait)
 
     def read_new(self, stop: threading.Event | None = None) -> list[Entry]:
         """Block for new entries, then gather more until the batch is full or its time is up."""
@@ -318,6 +329,7 @@ class Refresher:
     ) -> Batch:
         batch = Batch()
         give_up = CRASH_FACTOR * self.config.max_deliveries
+        latest = time.time() + self.config.max_future_seconds
         for stream, entry_id, fields in entries:
             if not fields:
                 batch.acks.append((stream, entry_id))
@@ -328,7 +340,7 @@ class Refresher:
                 batch.dead.append(DeadLetter(stream, entry_id, fields, reason, count))
                 continue
             try:
-                event = parse_event(fields_to_raw(fields))
+                event = parse_event(fields_to_raw(fields), latest=latest)
             except ContractError as exc:
                 batch.dead.append(
                     DeadLetter(stream, entry_id, fields, exc.reason, count, field=exc.field)

@@ -10,6 +10,7 @@ fraction of a second.
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
@@ -110,7 +111,7 @@ class IngestResult(BaseModel):
     refused: list[RefusedEvent]
 
 
-def _validate(raws: list[Any]) -> tuple[list[Event], list[dict[str, Any]]]:
+def _validate(raws: list[Any], *, latest: float) -> tuple[list[Event], list[dict[str, Any]]]:
     events: list[Event] = []
     refused: list[dict[str, Any]] = []
     for index, raw in enumerate(raws):
@@ -118,7 +119,7 @@ def _validate(raws: list[Any]) -> tuple[list[Event], list[dict[str, Any]]]:
             refused.append({"index": index, "field": None, "reason": "not a JSON object"})
             continue
         try:
-            events.append(parse_event(raw))
+            events.append(parse_event(raw, latest=latest))
         except ContractError as exc:
             refused.append({"index": index, "field": exc.field, "reason": exc.reason})
     return events, refused
@@ -140,7 +141,9 @@ async def ingest_events(batch: EventBatch, request: Request, _: Ingester) -> Res
             f"{len(batch.events)} events in one batch; at most {settings.batch_limit} are allowed",
             limit=settings.batch_limit,
         )
-    events, refused = _validate(batch.events)
+    events, refused = _validate(
+        batch.events, latest=time.time() + settings.event_max_future_seconds
+    )
     if not events:
         errors = [
             {"loc": ["body", "events", r["index"], r["field"] or ""], "msg": r["reason"]}
