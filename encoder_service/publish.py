@@ -13,13 +13,18 @@ written only if the state it was computed from is still the current one, so the 
 overwrites what a refresher wrote from a newer state. Events a refresher applied before it had
 loaded the new version are caught by a final pass over users whose ``meta.updated_at`` is not
 older than the registration, run once every refresher has had time to load the version.
+
+A version trained with a new item catalogue finds no item sums under that catalogue in states
+built before it; the backfill carries them over from another version's catalogue through a
+linear map fitted on the shared items (:mod:`encoder_service.features.translation`) and writes
+the states back in the same guarded transaction.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -30,7 +35,13 @@ from tqdm import tqdm
 
 from encoder_service.alignment import KINDS, AlignmentError, AlignmentMap, align_versions
 from encoder_service.encoder import Encoder, ModelArtifacts
+from encoder_service.features.catalog import ItemCatalog
 from encoder_service.features.state import FeatureState
+from encoder_service.features.translation import (
+    CatalogTranslation,
+    fill_missing_sums,
+    fit_translations,
+)
 from encoder_service.registry import Registry, SchemaMismatchError
 from encoder_service.settings import get_settings
 from encoder_service.store import (
@@ -200,15 +211,16 @@ def publish_from_live_states(
     registered_at = time.time()
     manifest = {**artifacts.manifest, "published_at": datetime.now(UTC).isoformat()}
     try:
+        translations = _item_sum_translations(registry, encoder, manifest)
         registry.register(manifest, artifacts.model, artifacts.catalog, by=by)
         users = list(dict.fromkeys(store.iter_state_users()))
         written = 0
         for lo, hi in _batches(len(users), batch_size, progress, "backfill"):
-            written += _write_current(client, encoder, users[lo:hi])
+            written += _write_current(client, encoder, users[lo:hi], translations)
         time.sleep(max(0.0, registered_at + settle_seconds - time.time()))
         late = _touched_since(client, registered_at - CLOCK_SKEW_SECONDS, set(users))
         for lo in range(0, len(late), batch_size):
-            _write_current(client, encoder, late[lo : lo + batch_size])
+            _write_current(client, encoder, late[lo : lo + batch_size], translations)
     except BaseException as exc:
         if existing is None:
             log.error("publish of %s failed; removing it and its partial keys", encoder.version)
@@ -251,23 +263,51 @@ def _existing(registry: Registry, artifacts: ModelArtifacts) -> dict[str, Any] |
     return existing
 
 
-def _write_current(client: redis.Redis, encoder: Encoder, users: Sequence[str]) -> int:
+def _item_sum_translations(
+    registry: Registry, encoder: Encoder, manifest: dict[str, Any]
+) -> dict[str, list[CatalogTranslation]]:
+    """Maps into this version's catalogue from the other versions' (the parent's first).
+
+    States hold item sums only for catalogues that were live when their events arrived; a
+    version with a new catalogue carries existing users' history over through these maps (see
+    :mod:`encoder_service.features.translation`).
+    """
+    parent = manifest.get("parent_version")
+    others = [m["version"] for m in registry.list() if m["version"] != encoder.version]
+    others.sort(key=lambda v: v != parent)
+    sources = (ItemCatalog.from_bytes(registry.catalog_bytes(v)) for v in others)
+    maps = fit_translations(encoder.catalog, sources)
+    return {encoder.catalog_id: maps} if maps else {}
+
+
+def _write_current(
+    client: redis.Redis,
+    encoder: Encoder,
+    users: Sequence[str],
+    translations: Mapping[str, list[CatalogTranslation]],
+) -> int:
     """Encode ``users`` from their current states and write the embeddings, unless a state
     changed meanwhile (WATCH); a conflicting batch is halved and retried. Returns users written.
     """
     for _ in range(MAX_CONFLICTS):
         try:
-            return _try_write(client, encoder, users)
+            return _try_write(client, encoder, users, translations)
         except redis.WatchError:
             if len(users) > 1:
                 mid = len(users) // 2
-                return _write_current(client, encoder, users[:mid]) + _write_current(
-                    client, encoder, users[mid:]
+                return _write_current(client, encoder, users[:mid], translations) + (
+                    _write_current(client, encoder, users[mid:], translations)
                 )
     raise PublishConflictError(f"user {users[0]!r} kept changing during {MAX_CONFLICTS} tries")
 
 
-def _try_write(client: redis.Redis, encoder: Encoder, users: Sequence[str]) -> int:
+def _try_write(
+    client: redis.Redis,
+    encoder: Encoder,
+    users: Sequence[str],
+    translations: Mapping[str, list[CatalogTranslation]],
+) -> int:
+    """One WATCHed batch; states that gained translated item sums are written back with it."""
     keys = [state_key(u) for u in users]
     with client.pipeline(transaction=True) as pipe:
         pipe.watch(*keys)
@@ -275,11 +315,18 @@ def _try_write(client: redis.Redis, encoder: Encoder, users: Sequence[str]) -> i
         present = [(u, b) for u, b in zip(users, blobs, strict=True) if b is not None]
         if not present:
             return 0
-        vectors = encoder.encode_states([FeatureState.from_bytes(b) for _, b in present])
-        values = encode_embeddings(vectors, encoder.dtype)  # type: ignore[arg-type]
+        states = [FeatureState.from_bytes(b) for _, b in present]
+        filled = {
+            state_key(u): s.to_bytes()
+            for (u, _), s in zip(present, states, strict=True)
+            if fill_missing_sums(s, translations)
+        }
+        values = encode_embeddings(encoder.encode_states(states), encoder.dtype)  # type: ignore[arg-type]
         pipe.multi()
         keys = [embedding_key(encoder.version, u) for u, _ in present]
         pipe.mset(dict(zip(keys, values, strict=True)))
+        if filled:
+            pipe.mset(filled)
         pipe.execute()
     return len(present)
 

@@ -146,3 +146,43 @@ def test_a_model_built_for_another_schema_is_refused_before_anything_is_written(
     versions.reload()
     assert sorted(versions.encoders) == ["v1"]
     assert "retrain the model" in versions.refused["v2"]
+
+
+def test_a_version_with_a_new_item_catalogue_keeps_existing_users_item_history(
+    redis_client: redis.Redis, trained: TrainedVersion
+) -> None:
+    """v2's catalogue rotates v1's item vectors; publishing v2 from the live states must give
+    every user the item sums an offline build with v2's catalogue gives, not an empty taste."""
+    from encoder_service.features.build import build_states
+    from encoder_service.features.catalog import ItemCatalog
+
+    base = trained.artifacts()
+    publish_version(redis_client, base, trained.user_ids, trained.states, progress=False)
+    old = ItemCatalog.from_bytes(base.catalog)
+    rotation, _ = np.linalg.qr(np.random.default_rng(5).normal(size=(old.dim, old.dim)))
+    new = ItemCatalog(old.item_ids, old.categories, old.vectors @ rotation.astype(np.float32))
+    v2 = ModelArtifacts(
+        manifest={**base.manifest, "version": "v2", "catalog_hash": new.hash},
+        model=base.model,
+        catalog=new.to_bytes(),
+    )
+    publish_from_live_states(redis_client, v2, progress=False, settle_seconds=0)
+
+    user_ids, offline = build_states(generate(400, seed=3), {old.hash: old, new.hash: new})
+    store = EmbeddingStore(redis_client)
+    expected = Encoder(v2).encode_states(offline)
+    states = store.read_states(user_ids)
+    embeddings = store.read_embeddings("v2", user_ids)
+    with_history = 0
+    for state, blob, stored, vector in zip(offline, states, embeddings, expected, strict=True):
+        assert blob is not None and stored is not None
+        if state.count:
+            with_history += 1
+            np.testing.assert_allclose(
+                FeatureState.from_bytes(blob).item_sums[new.hash],
+                state.item_sums[new.hash],
+                rtol=1e-3,
+                atol=1e-4,
+            )
+        np.testing.assert_allclose(decode_embedding(stored, DIM), vector, atol=1e-4)
+    assert with_history > 300
