@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from encoder_service.features.schema import FeatureSchema
+from encoder_service.training import distributed
 from encoder_service.training.model import MultiGroupAutoencoder, standardisation_stats
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def train_autoencoder(
     epochs, and the weights of the best epoch are restored.
     """
     x = _check_matrix(np.asarray(x), schema.input_dim)
+    distributed.current().require_same(x, "feature matrix")
     val_index = _validation_rows(len(x), config)
     is_val = np.zeros(len(x), dtype=bool)
     is_val[val_index] = True
@@ -133,25 +135,33 @@ def _fit(
     progress: bool,
 ) -> tuple[MultiGroupAutoencoder, list[dict[str, Any]], int]:
     """The model with its best weights restored, the per-epoch history and the best epoch."""
+    world = distributed.current()
     mean, std = standardisation_stats(x_train.numpy())
     torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator(world.device).manual_seed(config.seed + world.rank)
     model = MultiGroupAutoencoder.from_schema(
         schema, config.embedding_dim, mean=mean, std=std, group_dropout=config.group_dropout
-    )
+    ).to(world.device)
+    step = world.loss_fn(model)
+    x_train, x_val = x_train.to(world.device), world.shard(x_val).to(world.device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True
     )
     group_names = [g.name for g in schema.groups]
+    show_progress = progress and world.is_main
     history: list[dict[str, Any]] = []
     best_loss, best_epoch, best_state = float("inf"), 0, copy.deepcopy(model.state_dict())
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
+        order = world.epoch_rows(len(x_train), epoch, config.seed, generator)
+        batch_size = world.local_batch_size(config.batch_size)
         train_loss = _train_epoch(
-            model, optimizer, x_train, config.batch_size, generator, epoch, progress
+            model, step, optimizer, x_train, order, batch_size, generator, epoch, show_progress
         )
+        (train_loss,) = world.mean([train_loss])
         train_seconds = time.perf_counter() - started
         val_loss, val_groups = evaluate(model, x_val)
+        val_loss, *val_groups = world.mean([val_loss, *val_groups], weight=len(x_val))
         history.append(
             {
                 "epoch": epoch,
@@ -173,25 +183,26 @@ def _fit(
             logger.info("early stop: no improvement since epoch %d", best_epoch)
             break
     model.load_state_dict(best_state)
-    model.eval()
+    model.eval().cpu()
     return model, history, best_epoch
 
 
 def _train_epoch(
     model: MultiGroupAutoencoder,
+    step: distributed.LossFn,
     optimizer: torch.optim.Optimizer,
     x: torch.Tensor,
+    order: torch.Tensor,
     batch_size: int,
     generator: torch.Generator,
     epoch: int,
     progress: bool,
 ) -> float:
-    """One pass over ``x`` in shuffled minibatches; returns the row-weighted mean loss."""
+    """One pass over the rows ``order`` of ``x`` in minibatches; the row-weighted mean loss."""
     model.train()
-    order = torch.randperm(len(x), generator=generator)
     total = 0.0
     bar = tqdm(
-        range(0, len(x), batch_size),
+        range(0, len(order), batch_size),
         desc=f"epoch {epoch}",
         unit="batch",
         leave=False,
@@ -199,14 +210,14 @@ def _train_epoch(
     )
     for start in bar:
         batch = x.index_select(0, order[start : start + batch_size])
-        loss, _ = model.loss(batch, generator=generator)
+        loss, _ = step(batch, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total += loss.item() * len(batch)
         if progress:
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    return total / len(x)
+    return total / len(order)
 
 
 @torch.no_grad()
@@ -223,5 +234,5 @@ def evaluate(model: MultiGroupAutoencoder, x: torch.Tensor) -> tuple[float, list
         batch = x[start : start + EVAL_BATCH_SIZE]
         loss, per_group = model.loss(batch)
         total += loss.item() * len(batch)
-        groups += per_group.double() * len(batch)
+        groups += per_group.double().cpu() * len(batch)
     return total / len(x), (groups / len(x)).tolist()
