@@ -18,7 +18,7 @@ How the work is split, and why the result matches single-process training:
   same early-stopping decision (a rank that stopped alone would leave the others waiting forever).
 - Rank 0 alone logs, shows progress, exports the ONNX model and writes the manifest; the others
   wait for it and receive the artefacts in memory, so ranks on other machines can publish their
-  slice of users without seeing rank 0's disk.
+  slice of users without seeing rank 0's disk (:func:`publish_snapshot`).
 
 The backend is gloo on CPU and nccl when CUDA is present (each rank then uses the GPU numbered
 by its ``LOCAL_RANK``).
@@ -30,21 +30,36 @@ import hashlib
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import numpy as np
+import redis
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
+from encoder_service.encoder import Encoder
+from encoder_service.publish import (
+    PublishReport,
+    check_publishable,
+    publish_version,
+    register_snapshot,
+    shard_bounds,
+    write_snapshot,
+)
+from encoder_service.store import EmbeddingStore
 from encoder_service.training.model import MultiGroupAutoencoder
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from encoder_service.training.pipeline import TrainedVersion
 
 T = TypeVar("T")
 
@@ -94,8 +109,8 @@ class World:
         wrapped = DistributedDataParallel(
             _LossModule(model),
             device_ids=[self.local_rank] if self.backend == "nccl" else None,
-            # mean/std buffers are fixed before training and equal on every rank.
-            broadcast_buffers=False,
+            # mean/std buffers are fixed before training: synced once at construction, not per step.
+            forward_sync_buffers=False,
         )
         return lambda batch, generator: cast(tuple[Tensor, Tensor], wrapped(batch, generator))
 
@@ -244,3 +259,61 @@ def launched(env: Mapping[str, str] = os.environ) -> Iterator[World]:
         yield world
     finally:
         dist.destroy_process_group()
+
+
+def publish_snapshot(
+    client: redis.Redis,
+    trained: TrainedVersion,
+    *,
+    activate: bool | None,
+    batch_size: int,
+    progress: bool = True,
+) -> PublishReport:
+    """Publish the training snapshot, each rank encoding and writing its slice of the users.
+
+    Rank 0 registers the version once every rank has written its slice (so readers never see a
+    half-filled version), and removes the written keys instead when any rank failed. A single
+    process publishes as it always has. Every rank returns rank 0's report.
+    """
+    world = current()
+    if not world.distributed:
+        return publish_version(
+            client,
+            trained.artifacts(),
+            trained.user_ids,
+            trained.states,
+            features=trained.features,
+            activate=activate,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    artifacts = trained.artifacts()
+    encoder = Encoder(artifacts)
+    existing = check_publishable(client, artifacts)
+    lo, hi = shard_bounds(len(trained.user_ids), world.size)[world.rank]
+    started = time.perf_counter()
+    try:
+        write_snapshot(
+            client,
+            encoder,
+            trained.user_ids[lo:hi],
+            trained.states[lo:hi],
+            features=trained.features[lo:hi],
+            batch_size=batch_size,
+            progress=progress and world.is_main,
+        )
+        ok = True
+    except Exception:
+        log.exception("rank %d failed to publish its %d users", world.rank, hi - lo)
+        ok = False
+    if not world.all_succeeded(ok):
+        if existing is None:
+            world.on_main(lambda: EmbeddingStore(client).delete_version(encoder.version))
+        raise DistributedTrainingError(
+            f"publishing {encoder.version} failed on at least one rank; nothing was registered"
+        )
+    return world.on_main(
+        lambda: register_snapshot(
+            client, artifacts, users=len(trained.user_ids), started=started, activate=activate
+        )
+    )
