@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import redis
+import torch
 
 from encoder_service.data.synthetic import generate
 from encoder_service.encoder import Encoder, ModelArtifacts
@@ -61,6 +62,10 @@ def test_a_single_process_is_a_world_of_one() -> None:
     world = World()
     assert not world.distributed and world.is_main and world.local_batch_size(256) == 256
     assert world.mean([1.5, 2.5], weight=10) == [1.5, 2.5]
+    # The same draws from the training generator as before distributed training existed.
+    generator = torch.Generator().manual_seed(5)
+    expected = torch.randperm(1000, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(world.epoch_rows(1000, 1, 5, generator), expected)
 
 
 def test_two_gloo_processes_match_single_process_training(tmp_path: Path) -> None:
