@@ -289,7 +289,8 @@ def print_tables(results: list[SizeResult], figures: list[dict[str, Any]]) -> No
 
 
 def plot(results: list[SizeResult], figures: list[dict[str, Any]], path: Path) -> None:
-    """One log-log panel per curve, with the fitted line and its exponent."""
+    """A 2x2 grid of log-log panels (both training curves share one), measured points and the
+    fitted line with its exponent, against a dotted line of exponent 1 (or 0 for latency)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -297,22 +298,29 @@ def plot(results: list[SizeResult], figures: list[dict[str, Any]], path: Path) -
 
     users = np.array([r.users for r in results], dtype=float)
     by_name = {f["name"]: f for f in figures}
-    shown = curves(results)
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), squeeze=False)
-    for ax, curve in zip(axes[0], shown, strict=True):
-        values = np.array([getattr(r, curve.field) for r in results], dtype=float)
-        slope = by_name[f"exponent.{curve.field}"]["value"]
-        ax.loglog(users, values, "o-", label="measured")
-        if not math.isnan(slope):
-            fitted = np.exp(np.polyval(np.polyfit(np.log(users), np.log(values), 1), np.log(users)))
-            ax.loglog(users, fitted, "--", label=f"fit, exponent {slope:.2f}")
-        ax.set_title(f"{curve.name} (target <= {curve.max_exponent})", fontsize=9)
+    panels: dict[str, list[Curve]] = {}
+    for curve in curves(results):
+        key = "training" if curve.field.endswith("epoch_s") else curve.field
+        panels.setdefault(key, []).append(curve)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+    for ax, group in zip(axes.flat, panels.values(), strict=False):
+        for curve in group:
+            values = np.array([getattr(r, curve.field) for r in results], dtype=float)
+            slope = by_name[f"exponent.{curve.field}"]["value"]
+            (line,) = ax.loglog(users, values, "o-", label=f"{curve.name}: exponent {slope:.2f}")
+            reference = values[0] * (users / users[0]) ** (1.0 if curve.max_exponent > 1 else 0.0)
+            ax.loglog(users, reference, ":", color=line.get_color(), alpha=0.6)
+        first = group[0]
+        ax.set_title(f"{first.name.split(',')[0]} (target: exponent <= {first.max_exponent})")
         ax.set_xlabel("users")
-        ax.set_ylabel(curve.unit)
+        ax.set_ylabel(first.unit)
         ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle("cost against users (dotted: linear, or flat for latency)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
