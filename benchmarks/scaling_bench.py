@@ -257,8 +257,8 @@ def figures_of(results: list[SizeResult], args: argparse.Namespace) -> list[dict
         add(f"{prefix}.redis_bytes_per_user", r.redis_bytes_per_user, "bytes", None, None)
         add(f"{prefix}.api_p50_ms", r.api_p50_ms, "ms", None, None)
         add(f"{prefix}.api_p99_ms", r.api_p99_ms, "ms", None, None)
-        add(f"{prefix}.api_rps", r.api_rps, "req/s", f">= {0.95 * args.api_rate:g}", None)
-        figures[-1]["held"] = r.api_rps >= 0.95 * args.api_rate
+        wanted = 0.95 * args.api_rate  # the server kept up with the offered load
+        add(f"{prefix}.api_rps", r.api_rps, "req/s", f">= {wanted:g}", r.api_rps >= wanted)
         add(f"{prefix}.api_errors", r.api_errors, "count", "== 0", r.api_errors == 0)
     users = [r.users for r in results]
     for curve in curves(results):
