@@ -72,6 +72,7 @@ def test_two_gloo_processes_match_single_process_training(tmp_path: Path) -> Non
     done = _torchrun(
         2,
         str(WORKER),
+        "train",
         *("--users", str(USERS), "--epochs", str(EPOCHS), "--seed", str(SEED)),
         *("--dim", str(DIM), "--batch-size", str(BATCH), "--out", str(tmp_path)),
     )
@@ -127,3 +128,19 @@ def test_torchrun_train_exports_once_and_ranks_publish_their_slices(
     np.testing.assert_allclose(stored, expected, atol=1e-5)
     assert store.count_embeddings("v3") == users
     assert all(value is not None for value in store.read_states(prepared.user_ids))
+
+
+def test_a_rank_that_fails_to_publish_leaves_nothing_registered_or_written(
+    redis_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    done = _torchrun(
+        2,
+        str(WORKER),
+        "publish",
+        *("--users", "300", "--epochs", "1", "--seed", "1", "--dim", "8", "--batch-size", "64"),
+        *("--out", str(tmp_path), "--redis-url", redis_url, "--break-rank", "1"),
+    )
+    assert done.returncode != 0
+    assert "failed on at least one rank" in done.stderr
+    assert Registry(redis_client).list() == []
+    assert EmbeddingStore(redis_client).count_embeddings("v1") == 0
