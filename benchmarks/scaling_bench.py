@@ -124,6 +124,8 @@ def exponent(users: list[int], values: list[float]) -> float:
 
 def measure_size(args: argparse.Namespace, users: int, tmp: Path) -> SizeResult:
     print(f"\n== {users:,} users", flush=True)
+    # First, while this process holds no data: each torchrun rank builds the whole data set.
+    ddp_epoch_s = torchrun_epoch_seconds(args, users, tmp) if args.train_processes else math.nan
     started = time.perf_counter()
     dataset = generate(users, seed=args.seed)
     generate_s = time.perf_counter() - started
@@ -145,7 +147,6 @@ def measure_size(args: argparse.Namespace, users: int, tmp: Path) -> SizeResult:
     n_events = len(dataset.events)
     del dataset
     gc.collect()
-    ddp_epoch_s = torchrun_epoch_seconds(args, users, tmp) if args.train_processes else math.nan
 
     valkey = start_server(tmp / f"valkey-{users}", persistent=False)
     try:
