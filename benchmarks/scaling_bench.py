@@ -14,7 +14,7 @@ process on one machine, with a throwaway Valkey per size:
   over the users: one embedding plus one feature state each;
 - **API p99**: ``encoder-service serve`` (one worker) answering single-user JSON GETs of random
   users, paced at a fixed ``--api-rate`` by the open-loop client of ``benchmarks/serving/``, so
-  latency is counted from each request's scheduled time.
+  latency is counted from each request's scheduled time; the median of ``--api-repeats`` runs.
 
 Then each curve's growth exponent: the slope of a least-squares line through
 (log users, log cost). Targets: training, publish and total memory grow linearly or better
@@ -172,7 +172,8 @@ def measure_size(args: argparse.Namespace, users: int, tmp: Path) -> SizeResult:
     finally:
         valkey.stop()
     print(
-        f"API at {args.api_rate:g} req/s: p50 {api.p50_ms:.2f} ms, p99 {api.p99_ms:.2f} ms, "
+        f"API at {args.api_rate:g} req/s (median of {args.api_repeats}): p50 {api.p50_ms:.2f} ms, "
+        f"p99 {api.p99_ms:.2f} ms, "
         f"{api.errors} errors",
         flush=True,
     )
@@ -216,27 +217,45 @@ def torchrun_epoch_seconds(args: argparse.Namespace, users: int, tmp: Path) -> f
     return seconds
 
 
-def measure_api(
-    args: argparse.Namespace, redis_url: str, ids: list[str], tmp: Path
-) -> loadgen.LoadResult:
-    """p99 of single-user GETs at a fixed rate from a separate client process."""
+@dataclass
+class ApiLatency:
+    """The medians over ``--api-repeats`` paced runs: one run's p99 under other programs' load
+    swings by several times, the median of a few much less."""
+
+    p50_ms: float
+    p99_ms: float
+    rps: float
+    errors: int
+
+
+def measure_api(args: argparse.Namespace, redis_url: str, ids: list[str], tmp: Path) -> ApiLatency:
+    """Latency of single-user GETs at a fixed rate, from a separate client process."""
     ids_file = tmp / "ids.txt"
     ids_file.write_text("\n".join(ids) + "\n")
     port = free_port()
     env = python_env(redis_url, tmp / "home", args.dim)
     with server("scaling-api", service_cmd(port, 1), port, "/readyz", env, tmp):
-        return loadgen.run_client(
-            loadgen.client_argv(
-                "paced",
-                port,
-                RequestSpec("GET", "/v1/users/{id}/embedding"),
-                ids_file,
-                connections=PACED_CONNECTIONS,
-                duration_s=args.api_duration,
-                warmup_s=args.api_warmup,
-                rate=args.api_rate,
+        runs = [
+            loadgen.run_client(
+                loadgen.client_argv(
+                    "paced",
+                    port,
+                    RequestSpec("GET", "/v1/users/{id}/embedding"),
+                    ids_file,
+                    connections=PACED_CONNECTIONS,
+                    duration_s=args.api_duration,
+                    warmup_s=args.api_warmup,
+                    rate=args.api_rate,
+                )
             )
-        )
+            for _ in range(args.api_repeats)
+        ]
+    return ApiLatency(
+        p50_ms=float(np.median([r.p50_ms for r in runs])),
+        p99_ms=float(np.median([r.p99_ms for r in runs])),
+        rps=min(r.rps for r in runs),
+        errors=sum(r.errors for r in runs),
+    )
 
 
 def figures_of(results: list[SizeResult], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -350,6 +369,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--api-rate", type=float, default=500.0, help="Paced GETs per second.")
     parser.add_argument("--api-duration", type=float, default=10.0, help="Measured seconds.")
     parser.add_argument("--api-warmup", type=float, default=2.0, help="Unmeasured seconds first.")
+    parser.add_argument(
+        "--api-repeats", type=int, default=3, help="Paced runs per size; medians are reported."
+    )
     parser.add_argument("--json", type=Path, default=None, help="Write every figure here.")
     parser.add_argument("--plot", type=Path, default=None, help="Write the PNG plot here.")
     args = parser.parse_args(argv)
