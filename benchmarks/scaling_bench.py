@@ -109,9 +109,15 @@ CURVES = (
 )
 
 
+def points(results: list[SizeResult], curve: Curve) -> tuple[list[int], list[float]]:
+    """The sizes where ``curve`` was measured, and its values there."""
+    measured = [r for r in results if not math.isnan(getattr(r, curve.field))]
+    return [r.users for r in measured], [getattr(r, curve.field) for r in measured]
+
+
 def curves(results: list[SizeResult]) -> list[Curve]:
-    """The curves measured in this run (the torchrun one only with ``--train-processes``)."""
-    return [c for c in CURVES if not any(math.isnan(getattr(r, c.field)) for r in results)]
+    """The curves measured at two sizes or more in this run (torchrun's is optional)."""
+    return [c for c in CURVES if len(points(results, c)[0]) >= 2]
 
 
 def exponent(users: list[int], values: list[float]) -> float:
@@ -125,7 +131,8 @@ def exponent(users: list[int], values: list[float]) -> float:
 def measure_size(args: argparse.Namespace, users: int, tmp: Path) -> SizeResult:
     print(f"\n== {users:,} users", flush=True)
     # First, while this process holds no data: each torchrun rank builds the whole data set.
-    ddp_epoch_s = torchrun_epoch_seconds(args, users, tmp) if args.train_processes else math.nan
+    timed = args.train_processes and users <= args.torchrun_max_users
+    ddp_epoch_s = torchrun_epoch_seconds(args, users, tmp) if timed else math.nan
     started = time.perf_counter()
     dataset = generate(users, seed=args.seed)
     generate_s = time.perf_counter() - started
@@ -280,9 +287,8 @@ def figures_of(results: list[SizeResult], args: argparse.Namespace) -> list[dict
         wanted = 0.95 * args.api_rate  # the server kept up with the offered load
         add(f"{prefix}.api_rps", r.api_rps, "req/s", f">= {wanted:g}", r.api_rps >= wanted)
         add(f"{prefix}.api_errors", r.api_errors, "count", "== 0", r.api_errors == 0)
-    users = [r.users for r in results]
     for curve in curves(results):
-        slope = exponent(users, [getattr(r, curve.field) for r in results])
+        slope = exponent(*points(results, curve))
         held = None if math.isnan(slope) else slope <= curve.max_exponent
         add(f"exponent.{curve.field}", slope, "log-log slope", f"<= {curve.max_exponent}", held)
     return figures
@@ -316,7 +322,6 @@ def plot(results: list[SizeResult], figures: list[dict[str, Any]], path: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    users = np.array([r.users for r in results], dtype=float)
     by_name = {f["name"]: f for f in figures}
     panels: dict[str, list[Curve]] = {}
     for curve in curves(results):
@@ -325,7 +330,8 @@ def plot(results: list[SizeResult], figures: list[dict[str, Any]], path: Path) -
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
     for ax, group in zip(axes.flat, panels.values(), strict=False):
         for curve in group:
-            values = np.array([getattr(r, curve.field) for r in results], dtype=float)
+            sizes, measured = points(results, curve)
+            users, values = np.array(sizes, dtype=float), np.array(measured, dtype=float)
             slope = by_name[f"exponent.{curve.field}"]["value"]
             (line,) = ax.loglog(users, values, "o-", label=f"{curve.name}: exponent {slope:.2f}")
             reference = values[0] * (users / users[0]) ** (1.0 if curve.max_exponent > 1 else 0.0)
@@ -362,6 +368,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="Also time training under torchrun with this many processes (0: skip).",
+    )
+    parser.add_argument(
+        "--torchrun-max-users",
+        type=int,
+        default=200_000,
+        help="Largest size timed under torchrun: every rank holds the whole data set "
+        "(about 16 KB per user while features are built), so N ranks need N times the memory.",
     )
     parser.add_argument("--dim", type=int, default=64, help="Embedding dimension.")
     parser.add_argument("--seed", type=int, default=0)
