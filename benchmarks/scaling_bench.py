@@ -301,8 +301,9 @@ def print_tables(results: list[SizeResult], figures: list[dict[str, Any]]) -> No
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
+        torchrun = "-" if math.isnan(r.ddp_epoch_s) else f"{r.ddp_epoch_s:.2f}"
         print(
-            f"| {r.users:,} | {r.events:,} | {r.train_epoch_s:.2f} | {r.ddp_epoch_s:.2f} "
+            f"| {r.users:,} | {r.events:,} | {r.train_epoch_s:.2f} | {torchrun} "
             f"| {r.publish_s:.2f} | {r.redis_bytes_per_user:,.0f} | {r.api_p50_ms:.2f} "
             f"| {r.api_p99_ms:.2f} |"
         )
