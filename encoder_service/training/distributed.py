@@ -2,14 +2,15 @@
 
 ``torchrun`` tells each process who it is through environment variables (``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``). A plain ``encoder-service
-train`` has none of them and runs as a world of one through the very same calls, which then do
-nothing; so the training loop never branches on whether it is distributed, and single-process
-training stays exactly what it was.
+train`` has none of them and runs as a world of one through the very same calls, which then
+reduce to what training always did; so the training loop never branches on whether it is
+distributed, and single-process training stays exactly what it was.
 
 How the work is split, and why the result matches single-process training:
 
-- Every rank builds the same feature matrix from the same data and seed (cheaper than training,
-  and it needs no shared file system); :meth:`World.require_same` refuses to train if they differ.
+- Every rank builds the same feature matrix from the same data and seed: each pays for the
+  build, but no shared file system or transfer of the matrix is needed; :meth:`World.require_same`
+  refuses to train if they differ.
 - Each epoch, a ``DistributedSampler`` gives every rank a disjoint shard of one seeded
   permutation, and each rank steps with ``batch_size / world_size`` rows. DDP averages the
   gradients, so every optimiser step sees one global batch of ``batch_size`` rows, as a single
