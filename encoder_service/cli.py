@@ -94,7 +94,10 @@ def train(
         bool | None, typer.Option(help="Make it the active version (default: if none is).")
     ] = None,
 ) -> None:
-    """Train the autoencoder on a data set, export it to ONNX and (by default) publish it."""
+    """Train the autoencoder on a data set, export it to ONNX and (by default) publish it.
+
+    Runs as is under `torchrun --nproc-per-node=N` (DistributedDataParallel; docs/scaling.md).
+    """
     _train_and_publish(
         get_settings(),
         source={
