@@ -28,6 +28,7 @@ by its ``LOCAL_RANK``).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import math
 import os
@@ -66,6 +67,13 @@ T = TypeVar("T")
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 """Set by ``torchrun`` for every process it starts; all present means "launched by torchrun"."""
+
+_BUFFERS_SYNCED_AT_START_ONLY = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}  # its name before torch 2.13
+)
+"""The mean/std buffers are fixed before training: DDP need not re-send them every step."""
 
 LossFn = Callable[[Tensor, torch.Generator], tuple[Tensor, Tensor]]
 """A training step's forward: a batch and the dropout generator -> (loss, per-group losses)."""
@@ -110,8 +118,7 @@ class World:
         wrapped = DistributedDataParallel(
             _LossModule(model),
             device_ids=[self.local_rank] if self.backend == "nccl" else None,
-            # mean/std buffers are fixed before training: synced once at construction, not per step.
-            forward_sync_buffers=False,
+            **_BUFFERS_SYNCED_AT_START_ONLY,
         )
         return lambda batch, generator: cast(tuple[Tensor, Tensor], wrapped(batch, generator))
 
