@@ -9,6 +9,8 @@ from __future__ import annotations
 import getpass
 import json
 import logging
+import os
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -97,7 +99,10 @@ def train(
         bool | None, typer.Option(help="Make it the active version (default: if none is).")
     ] = None,
 ) -> None:
-    """Train the autoencoder on a data set, export it to ONNX and (by default) publish it."""
+    """Train the autoencoder on a data set, export it to ONNX and (by default) publish it.
+
+    Runs as is under `torchrun --nproc-per-node=N` (DistributedDataParallel; docs/scaling.md).
+    """
     _train_and_publish(
         get_settings(),
         source={
@@ -128,6 +133,7 @@ def _train_and_publish(
 ) -> None:
     try:
         from encoder_service.data.sources import SourceError, load_source
+        from encoder_service.training import distributed
         from encoder_service.training.pipeline import train_version
         from encoder_service.training.train import TrainConfig
     except ImportError as exc:
@@ -135,58 +141,74 @@ def _train_and_publish(
             f"training needs the 'train' extra ({exc.name} is missing): "
             "pip install 'encoder-service[train]'"
         ) from exc
-    try:
-        dataset = load_source(seed=settings.seed, **source)  # type: ignore[arg-type]
-    except (ContractError, SourceError, FileNotFoundError) as exc:
-        raise _fail(str(exc)) from exc
-    for warning in dataset.warnings:
-        log.warning("%s", warning)
-    typer.echo(
-        f"data {dataset.name}: {len(dataset.users)} users, {len(dataset.events)} events, "
-        f"{len(dataset.items)} items"
-    )
-    config = TrainConfig(embedding_dim=settings.embedding_dim, epochs=epochs, seed=settings.seed)
-    trained = train_version(
-        dataset,
-        version=version,
-        out_dir=settings.home / "models",
-        config=config,
-        exclude_profile=exclude_profile,
-    )
-    metrics = trained.manifest["metrics"]
-    typer.echo(
-        f"trained {version}: val loss {metrics['val_loss']:.4f}, ONNX parity "
-        f"{metrics['onnx_parity_max_abs_diff']:.2e}; model in {trained.folder}"
-    )
-    if not publish:
-        return
-    from encoder_service.publish import StoreFullError, publish_version
-    from encoder_service.redis_connection import resolve_redis_url, sync_client
-
-    with resolve_redis_url(settings) as url:
-        client = sync_client(url)
+    # Under torchrun every rank runs this whole function; rank 0 alone prints.
+    with distributed.launched() as world:
+        echo = typer.echo if world.is_main else _quiet
         try:
-            with cli_action(client, "publish", version) as note:
-                report = publish_version(
-                    client,
-                    trained.artifacts(),
-                    trained.user_ids,
-                    trained.states,
-                    features=trained.features,
-                    activate=activate,
-                    batch_size=settings.publish_batch_size,
-                )
-                note["detail"] = f"{report.users} users; active {report.active}"
-        except StoreFullError as exc:
+            dataset = load_source(seed=settings.seed, **source)  # type: ignore[arg-type]
+        except (ContractError, SourceError, FileNotFoundError) as exc:
             raise _fail(str(exc)) from exc
-        sample = trained.user_ids[0]
-        typer.echo(
-            f"published {report.users} users as {report.version} into {url} "
-            f"({report.users_per_second:,.0f} users/s); active version: {report.active}\n"
-            f"read one:  encoder-service get {sample} --version {report.version}\n"
-            f"serve:     ENCODER_AUTH_MODE=none encoder-service serve   then   "
-            f"curl localhost:{settings.api_port}/v1/users/{sample}/embedding"
+        for warning in dataset.warnings:
+            log.warning("%s", warning)
+        echo(
+            f"data {dataset.name}: {len(dataset.users)} users, {len(dataset.events)} events, "
+            f"{len(dataset.items)} items"
         )
+        config = TrainConfig(
+            embedding_dim=settings.embedding_dim, epochs=epochs, seed=settings.seed
+        )
+        trained = train_version(
+            dataset,
+            version=version,
+            out_dir=settings.home / "models",
+            config=config,
+            exclude_profile=exclude_profile,
+        )
+        metrics = trained.manifest["metrics"]
+        echo(
+            f"trained {version}: val loss {metrics['val_loss']:.4f}, ONNX parity "
+            f"{metrics['onnx_parity_max_abs_diff']:.2e}; model in {trained.folder}"
+        )
+        if not publish:
+            return
+        from encoder_service.publish import StoreFullError
+        from encoder_service.redis_connection import resolve_redis_url, sync_client
+
+        if _spans_machines(world.size) and not settings.redis_url:
+            raise _fail("a training job over several machines publishes to REDIS_URL; set it")
+        with resolve_redis_url(settings) as url:
+            client = sync_client(url)
+            # Every rank writes its share; rank 0 alone registers, so it alone is audited.
+            audited = cli_action(client, "publish", version) if world.is_main else nullcontext({})
+            try:
+                with audited as note:
+                    report = distributed.publish_snapshot(
+                        client,
+                        trained,
+                        activate=activate,
+                        batch_size=settings.publish_batch_size,
+                    )
+                    note["detail"] = f"{report.users} users; active {report.active}"
+            except StoreFullError as exc:
+                raise _fail(str(exc)) from exc
+            sample = trained.user_ids[0]
+            echo(
+                f"published {report.users} users as {report.version} into {url} "
+                f"({report.users_per_second:,.0f} users/s); active version: {report.active}\n"
+                f"read one:  encoder-service get {sample} --version {report.version}\n"
+                f"serve:     ENCODER_AUTH_MODE=none encoder-service serve   then   "
+                f"curl localhost:{settings.api_port}/v1/users/{sample}/embedding"
+            )
+
+
+def _quiet(message: str) -> None:
+    """Where the console output of torchrun ranks other than 0 goes."""
+
+
+def _spans_machines(world_size: int) -> bool:
+    """True when torchrun placed this job's processes on more than one machine, where each
+    would otherwise start its own embedded Valkey."""
+    return world_size > int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
 
 
 @app.command("publish")
@@ -195,6 +217,9 @@ def publish_command(
     activate: Annotated[
         bool | None, typer.Option(help="Make it the active version (default: if none is).")
     ] = None,
+    processes: Annotated[
+        int, typer.Option(min=1, help="Processes that encode and write slices of the users.")
+    ] = 1,
 ) -> None:
     """Publish a trained version for every user whose feature state is live in Redis."""
     from encoder_service.encoder import ModelArtifacts
@@ -211,7 +236,12 @@ def publish_command(
         try:
             with cli_action(client, "publish", artifacts.manifest["version"]) as note:
                 report = publish_from_live_states(
-                    client, artifacts, activate=activate, batch_size=settings.publish_batch_size
+                    client,
+                    artifacts,
+                    activate=activate,
+                    batch_size=settings.publish_batch_size,
+                    processes=processes,
+                    redis_url=url,
                 )
                 note["detail"] = f"{report.users} users; active {report.active}"
         except StoreFullError as exc:

@@ -23,8 +23,10 @@ the states back in the same guarded transaction.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -42,6 +44,7 @@ from encoder_service.features.translation import (
     fill_missing_sums,
     fit_translations,
 )
+from encoder_service.redis_connection import sync_client
 from encoder_service.registry import Registry, SchemaMismatchError
 from encoder_service.settings import get_settings
 from encoder_service.store import (
@@ -136,41 +139,88 @@ def publish_version(
     if len(user_ids) != len(states) or (features is not None and len(features) != len(states)):
         raise ValueError("user_ids, states and features must be aligned")
     encoder = Encoder(artifacts)
-    registry = Registry(client)
-    store = EmbeddingStore(client)
-    existing = _existing(registry, artifacts)
+    existing = check_publishable(client, artifacts)
     started = time.perf_counter()
-    manifest = {**artifacts.manifest, "published_at": ""}
     try:
-        for lo, hi in _batches(len(user_ids), batch_size, progress, "publish"):
-            batch_states = states[lo:hi]
-            embeddings = (
-                encoder.encode_states(batch_states)
-                if features is None
-                else encoder.encode_features(features[lo:hi])
-            )
-            store.write_embeddings(
-                encoder.version, user_ids[lo:hi], embeddings, dtype=encoder.dtype
-            )
-            if write_states:
-                store.write_states(user_ids[lo:hi], [s.to_bytes() for s in batch_states])
-        manifest["published_at"] = datetime.now(UTC).isoformat()
-        registry.register(manifest, artifacts.model, artifacts.catalog, by=by)
+        write_snapshot(
+            client,
+            encoder,
+            user_ids,
+            states,
+            features=features,
+            write_states=write_states,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        # Registered inside the guard: a full store can refuse the registry write too.
+        return register_snapshot(
+            client, artifacts, users=len(user_ids), started=started, activate=activate, by=by
+        )
     except BaseException as exc:
         if existing is None:
             log.error("publish of %s failed; removing its partial keys", encoder.version)
-            registry.unregister(encoder.version)
-            store.delete_version(encoder.version)
+            Registry(client).unregister(encoder.version)
+            EmbeddingStore(client).delete_version(encoder.version)
         if isinstance(exc, redis.OutOfMemoryError):
             raise _store_full(client, encoder.version, exc) from exc
         raise
+
+
+def check_publishable(client: redis.Redis, artifacts: ModelArtifacts) -> dict[str, Any] | None:
+    """The stored manifest of the version, if any; raises if it exists under another schema."""
+    return _existing(Registry(client), artifacts)
+
+
+def write_snapshot(
+    client: redis.Redis,
+    encoder: Encoder,
+    user_ids: Sequence[str],
+    states: Sequence[FeatureState],
+    *,
+    features: np.ndarray | None = None,
+    write_states: bool = True,
+    batch_size: int = 4096,
+    progress: bool = True,
+) -> int:
+    """Encode and store ``user_ids``' embeddings (and states) without registering anything.
+
+    Processes that share a publish each write their own slice of the users with this, and one
+    of them registers the version with :func:`register_snapshot` once all have succeeded.
+    """
+    store = EmbeddingStore(client)
+    for lo, hi in _batches(len(user_ids), batch_size, progress, "publish"):
+        batch_states = states[lo:hi]
+        embeddings = (
+            encoder.encode_states(batch_states)
+            if features is None
+            else encoder.encode_features(features[lo:hi])
+        )
+        store.write_embeddings(encoder.version, user_ids[lo:hi], embeddings, dtype=encoder.dtype)
+        if write_states:
+            store.write_states(user_ids[lo:hi], [s.to_bytes() for s in batch_states])
+    return len(user_ids)
+
+
+def register_snapshot(
+    client: redis.Redis,
+    artifacts: ModelArtifacts,
+    *,
+    users: int,
+    started: float,
+    activate: bool | None = None,
+    by: str = "cli",
+) -> PublishReport:
+    """Register a version whose embeddings are all written, align it to its parent, and
+    activate it when asked (or when no version is active yet)."""
+    registry = Registry(client)
+    version = artifacts.manifest["version"]
+    manifest = {**artifacts.manifest, "published_at": datetime.now(UTC).isoformat()}
+    registry.register(manifest, artifacts.model, artifacts.catalog, by=by)
     alignment = _align_to_parent(client, manifest)
     if activate or (activate is None and registry.active() is None):
-        registry.promote(encoder.version, by=by)
+        registry.promote(version, by=by)
     seconds = time.perf_counter() - started
-    report = PublishReport(
-        encoder.version, len(user_ids), seconds, registry.active(), alignment=alignment
-    )
+    report = PublishReport(version, users, seconds, registry.active(), alignment=alignment)
     log.info(
         "published %d users as %s in %.1fs (%.0f users/s)",
         report.users,
@@ -190,6 +240,8 @@ def publish_from_live_states(
     by: str = "cli",
     progress: bool = True,
     settle_seconds: float | None = None,
+    processes: int = 1,
+    redis_url: str | None = None,
 ) -> PublishReport:
     """Publish ``artifacts`` for every user whose feature state is in Redis, losing no event.
 
@@ -197,10 +249,18 @@ def publish_from_live_states(
     refresher's ``registry_poll_seconds`` plus one) is how long after registering the final
     pass waits, so that every running refresher has loaded the new version by then.
 
+    ``processes`` > 1 splits the backfill into that many contiguous slices of the users, each
+    encoded and written by its own process connected to ``redis_url`` (the same server as
+    ``client``): encoding is CPU-bound and single-threaded per process, so this is what scales
+    a backfill with cores. Registration, the final pass and activation stay in this process,
+    so the version is registered once whatever the count.
+
     Raises:
         SchemaMismatchError: the version id exists with another schema hash.
         SchemaHashMismatchError: this code does not build the model's feature schema.
     """
+    if processes > 1 and redis_url is None:
+        raise ValueError("a backfill over several processes needs the redis_url to connect to")
     encoder = Encoder(artifacts)
     registry = Registry(client)
     store = EmbeddingStore(client)
@@ -214,9 +274,13 @@ def publish_from_live_states(
         translations = _item_sum_translations(registry, encoder, manifest)
         registry.register(manifest, artifacts.model, artifacts.catalog, by=by)
         users = list(dict.fromkeys(store.iter_state_users()))
-        written = 0
-        for lo, hi in _batches(len(users), batch_size, progress, "backfill"):
-            written += _write_current(client, encoder, users[lo:hi], translations)
+        if processes > 1:
+            assert redis_url is not None
+            written = _backfill_in_processes(
+                redis_url, artifacts, users, batch_size, processes, progress, translations
+            )
+        else:
+            written = _backfill(client, encoder, users, batch_size, progress, translations)
         time.sleep(max(0.0, registered_at + settle_seconds - time.time()))
         late = _touched_since(client, registered_at - CLOCK_SKEW_SECONDS, set(users))
         for lo in range(0, len(late), batch_size):
@@ -248,6 +312,69 @@ def publish_from_live_states(
         report.late_users,
     )
     return report
+
+
+def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
+    """``shards`` contiguous ``(lo, hi)`` ranges covering ``range(n)``, sizes differing by <= 1."""
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    return [(n * k // shards, n * (k + 1) // shards) for k in range(shards)]
+
+
+def _backfill(
+    client: redis.Redis,
+    encoder: Encoder,
+    users: Sequence[str],
+    batch_size: int,
+    progress: bool,
+    translations: Mapping[str, list[CatalogTranslation]],
+) -> int:
+    written = 0
+    for lo, hi in _batches(len(users), batch_size, progress, "backfill"):
+        written += _write_current(client, encoder, users[lo:hi], translations)
+    return written
+
+
+def _backfill_in_processes(
+    redis_url: str,
+    artifacts: ModelArtifacts,
+    users: Sequence[str],
+    batch_size: int,
+    processes: int,
+    progress: bool,
+    translations: Mapping[str, list[CatalogTranslation]],
+) -> int:
+    """Backfill one slice of ``users`` per process; raises the first worker's failure after
+    every worker has stopped, so the caller's clean-up never races a worker's writes."""
+    # spawn, not fork: this process holds Redis connections and onnxruntime threads.
+    context = multiprocessing.get_context("spawn")
+    written = 0
+    with (
+        ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool,
+        tqdm(total=len(users), desc="backfill", unit="user", disable=not progress) as bar,
+    ):
+        futures = {
+            pool.submit(
+                _backfill_worker, redis_url, artifacts, users[lo:hi], batch_size, translations
+            ): hi - lo
+            for lo, hi in shard_bounds(len(users), processes)
+        }
+        for future in as_completed(futures):
+            written += future.result()
+            bar.update(futures[future])
+    return written
+
+
+def _backfill_worker(
+    redis_url: str,
+    artifacts: ModelArtifacts,
+    users: Sequence[str],
+    batch_size: int,
+    translations: Mapping[str, list[CatalogTranslation]],
+) -> int:
+    """One process's slice of a backfill, with its own connection and encoder."""
+    with sync_client(redis_url) as client:
+        return _backfill(client, Encoder(artifacts), users, batch_size, False, translations)
 
 
 def _existing(registry: Registry, artifacts: ModelArtifacts) -> dict[str, Any] | None:

@@ -139,13 +139,15 @@ def group_dropout_mask(
 
     A row whose draw dropped every group gets one group back, chosen uniformly, so the encoder is
     never asked to embed nothing. This makes the effective drop rate slightly below ``p`` when
-    ``p`` is large or there are few groups.
+    ``p`` is large or there are few groups. The mask lives on the generator's device (a GPU
+    under distributed training with nccl), where the batch is.
     """
-    dropped = torch.rand(batch_size, n_groups, generator=generator) < p
+    device = generator.device if generator is not None else None
+    dropped = torch.rand(batch_size, n_groups, generator=generator, device=device) < p
     all_dropped = dropped.all(dim=1)
     if bool(all_dropped.any()):
         rows = all_dropped.nonzero(as_tuple=True)[0]
-        keep = torch.randint(n_groups, (rows.numel(),), generator=generator)
+        keep = torch.randint(n_groups, (rows.numel(),), generator=generator, device=device)
         dropped[rows, keep] = False
     return dropped
 

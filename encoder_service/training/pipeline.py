@@ -25,6 +25,7 @@ from encoder_service.features.catalog import ItemCatalog
 from encoder_service.features.schema import FeatureSchema
 from encoder_service.features.state import FeatureState
 from encoder_service.features.vectorize import Vectorizer
+from encoder_service.training import distributed
 from encoder_service.training.export import (
     build_manifest,
     check_parity,
@@ -32,6 +33,7 @@ from encoder_service.training.export import (
     write_manifest,
 )
 from encoder_service.training.item_vectors import learn_item_vectors
+from encoder_service.training.model import MultiGroupAutoencoder
 from encoder_service.training.train import TrainConfig, train_autoencoder
 
 log = logging.getLogger(__name__)
@@ -42,16 +44,21 @@ CONTENT_VECTOR_MIN_COVERAGE = 0.5
 
 @dataclass
 class TrainedVersion:
-    """A trained version on disk plus the snapshot it was trained on."""
+    """A trained version plus the snapshot it was trained on.
+
+    The artefacts are held in memory as well as written to ``folder``: under torchrun only rank 0
+    writes the folder, and ranks on other machines publish from the copy they were sent.
+    """
 
     folder: Path
     manifest: dict[str, Any]
     user_ids: list[str]
     states: list[FeatureState]
     features: np.ndarray
+    exported: ModelArtifacts
 
     def artifacts(self) -> ModelArtifacts:
-        return ModelArtifacts.from_folder(self.folder)
+        return self.exported
 
 
 @dataclass
@@ -125,23 +132,66 @@ def train_version(
     parent_version: str | None = None,
     progress: bool = True,
 ) -> TrainedVersion:
-    """Train and export one model version into ``out_dir / version``."""
-    folder = out_dir / version
-    folder.mkdir(parents=True, exist_ok=True)
+    """Train and export one model version into ``out_dir / version``.
+
+    Under torchrun every rank trains its share and rank 0 alone exports (see ``distributed``).
+    """
     prepared = prepare_features(
         dataset,
         item_vector_dim=item_vector_dim,
         exclude_profile=exclude_profile,
         seed=config.seed,
     )
-    schema, catalog, features = prepared.schema, prepared.catalog, prepared.features
     result = train_autoencoder(
-        features, schema, config, items=prepared.interactions, progress=progress
+        prepared.features,
+        prepared.schema,
+        config,
+        items=prepared.interactions,
+        progress=progress,
+    )
+    folder = out_dir / version
+    world = distributed.current()
+    artifacts = world.on_main(
+        lambda: _export(
+            result.model,
+            {**result.metrics, "training_processes": world.size},
+            prepared,
+            dataset,
+            folder=folder,
+            version=version,
+            config=config,
+            exclude_profile=exclude_profile,
+            parent_version=parent_version,
+        )
+    )
+    return TrainedVersion(
+        folder,
+        artifacts.manifest,
+        prepared.user_ids,
+        prepared.states,
+        prepared.features,
+        artifacts,
     )
 
-    model_path = export_encoder(result.model, folder / MODEL_FILE, input_dim=schema.input_dim)
+
+def _export(
+    model: MultiGroupAutoencoder,
+    metrics: dict[str, Any],
+    prepared: PreparedFeatures,
+    dataset: Dataset,
+    *,
+    folder: Path,
+    version: str,
+    config: TrainConfig,
+    exclude_profile: Sequence[str],
+    parent_version: str | None,
+) -> ModelArtifacts:
+    """Write ``encoder.onnx``, ``catalog.npz`` and ``manifest.json`` into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    schema, catalog, features = prepared.schema, prepared.catalog, prepared.features
+    model_path = export_encoder(model, folder / MODEL_FILE, input_dim=schema.input_dim)
     sample = np.random.default_rng(config.seed).permutation(len(features))[:PARITY_SAMPLE]
-    parity = check_parity(result.model, model_path, features[np.sort(sample)])
+    parity = check_parity(model, model_path, features[np.sort(sample)])
     (folder / CATALOG_FILE).write_bytes(catalog.to_bytes())
     start, end = dataset.time_window()
     manifest = build_manifest(
@@ -158,16 +208,12 @@ def train_version(
             "n_items": len(dataset.items),
             "excluded_profile_fields": list(exclude_profile),
         },
-        metrics={
-            **result.metrics,
-            "onnx_parity_max_abs_diff": parity,
-            "best_epoch": result.best_epoch,
-        },
+        metrics={**metrics, "onnx_parity_max_abs_diff": parity},
         parent_version=parent_version,
     )
     write_manifest(manifest, folder)
     log.info("model version %s written to %s", version, folder)
-    return TrainedVersion(folder, manifest, prepared.user_ids, prepared.states, features)
+    return ModelArtifacts.from_folder(folder)
 
 
 def _item_vectors(dataset: Dataset, dim: int, seed: int) -> np.ndarray:

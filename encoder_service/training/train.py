@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from encoder_service.features.schema import FeatureSchema
+from encoder_service.training import distributed
 from encoder_service.training.model import (
     MultiGroupAutoencoder,
     null_group_losses,
@@ -102,6 +103,7 @@ def train_autoencoder(
     epochs, and the weights of the best epoch are restored.
     """
     x = _check_matrix(np.asarray(x), schema.input_dim)
+    distributed.current().require_same(x, "feature matrix")
     targets = _item_targets(items, len(x), config)
     val_index = _validation_rows(len(x), config)
     is_val = np.zeros(len(x), dtype=bool)
@@ -139,7 +141,15 @@ class _Split:
         x = self.x.index_select(0, rows)
         if self.items is None:
             return x, None
-        return x, torch.from_numpy(self.items[rows.numpy()].toarray())
+        return x, torch.from_numpy(self.items[rows.cpu().numpy()].toarray()).to(x.device)
+
+    def to(self, device: torch.device) -> _Split:
+        return _Split(self.x.to(device), self.items)
+
+    def shard(self, world: distributed.World) -> _Split:
+        """This rank's contiguous share of the rows (all of them for a single process)."""
+        rows = world.shard(torch.arange(len(self.x)))
+        return _Split(self.x[rows], None if self.items is None else self.items[rows.numpy()])
 
 
 def _item_targets(
@@ -187,10 +197,11 @@ def _fit(
     progress: bool,
 ) -> tuple[MultiGroupAutoencoder, list[dict[str, Any]], int]:
     """The model with its best weights restored, the per-epoch history and the best epoch."""
+    world = distributed.current()
     x_train = train.x.numpy()
     mean, std = standardisation_stats(x_train)
     torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator(world.device).manual_seed(config.seed + world.rank)
     model = MultiGroupAutoencoder.from_schema(
         schema,
         config.embedding_dim,
@@ -207,20 +218,27 @@ def _fit(
             if train.items is not None and config.normalise_group_losses
             else 1.0
         ),
-    )
+    ).to(world.device)
+    step = world.loss_fn(model)
+    train, val = train.to(world.device), val.shard(world).to(world.device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True
     )
     group_names = [g.name for g in schema.groups] + ([] if train.items is None else ["items"])
+    show_progress = progress and world.is_main
     history: list[dict[str, Any]] = []
     best_loss, best_epoch, best_state = float("inf"), 0, copy.deepcopy(model.state_dict())
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
+        order = world.epoch_rows(len(train.x), epoch, config.seed, generator)
+        batch_size = world.local_batch_size(config.batch_size)
         train_loss = _train_epoch(
-            model, optimizer, train, config.batch_size, generator, epoch, progress
+            model, step, optimizer, train, order, batch_size, generator, epoch, show_progress
         )
+        (train_loss,) = world.mean([train_loss])
         train_seconds = time.perf_counter() - started
         val_loss, val_groups = evaluate(model, val.x, val.items)
+        val_loss, *val_groups = world.mean([val_loss, *val_groups], weight=len(val.x))
         history.append(
             {
                 "epoch": epoch,
@@ -242,26 +260,26 @@ def _fit(
             logger.info("early stop: no improvement since epoch %d", best_epoch)
             break
     model.load_state_dict(best_state)
-    model.eval()
+    model.eval().cpu()
     return model, history, best_epoch
 
 
 def _train_epoch(
     model: MultiGroupAutoencoder,
+    step: distributed.LossFn,
     optimizer: torch.optim.Optimizer,
     data: _Split,
+    order: torch.Tensor,
     batch_size: int,
     generator: torch.Generator,
     epoch: int,
     progress: bool,
 ) -> float:
-    """One pass over ``data`` in shuffled minibatches; returns the row-weighted mean loss."""
+    """One pass over the rows ``order`` of ``data`` in minibatches; the row-weighted mean loss."""
     model.train()
-    n = len(data.x)
-    order = torch.randperm(n, generator=generator)
     total = 0.0
     bar = tqdm(
-        range(0, n, batch_size),
+        range(0, len(order), batch_size),
         desc=f"epoch {epoch}",
         unit="batch",
         leave=False,
@@ -269,14 +287,14 @@ def _train_epoch(
     )
     for start in bar:
         batch, items = data.batch(order[start : start + batch_size])
-        loss, _ = model.loss(batch, items, generator=generator)
+        loss, _ = step(batch, items, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total += loss.item() * len(batch)
         if progress:
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    return total / n
+    return total / len(order)
 
 
 @torch.no_grad()
@@ -301,5 +319,5 @@ def evaluate(
             targets = torch.from_numpy(items[start : start + EVAL_BATCH_SIZE].toarray())
         loss, per_group = model.loss(batch, targets)
         total += loss.item() * len(batch)
-        groups += per_group.double() * len(batch)
+        groups += per_group.double().cpu() * len(batch)
     return total / len(x), (groups / len(x)).tolist()
