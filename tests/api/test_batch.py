@@ -205,4 +205,3 @@ async def test_a_batch_reads_a_retired_version_through_the_alignment_map(
         assert no_map.status_code == 404
         assert no_map.json()["type"] == "urn:encoder-service:problem:unknown-version"
         assert "versions align B C" in no_map.json()["detail"]
-
