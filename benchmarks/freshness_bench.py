@@ -228,7 +228,10 @@ class ApiReader:
         """User -> ``updated_at`` of its embedding, for the users that have one."""
         body = orjson.dumps({"user_ids": users})
         self.connection.request(
-            "POST", "/v1/embeddings:batch", body, {"Content-Type": "application/json"}
+            "POST",
+            "/v1/embeddings:batch?updated_at=true",
+            body,
+            {"Content-Type": "application/json"},
         )
         response = self.connection.getresponse()
         payload = response.read()

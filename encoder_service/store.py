@@ -147,24 +147,35 @@ def decode_embedding(raw: bytes, dim: int, dtype: EmbeddingDtype = "float32") ->
     return np.frombuffer(raw, dtype=dt, count=dim).astype(np.float32)
 
 
-def decode_embeddings(
-    raws: Sequence[bytes], dim: int, dtype: EmbeddingDtype = "float32"
-) -> np.ndarray:
-    """Many values at once as a float32 ``(n, dim)`` matrix: one buffer, one conversion.
+def decode_rows(
+    raws: Sequence[bytes | None], dim: int, dtype: EmbeddingDtype = "float32"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Many values at once: a float32 ``(n, dim)`` matrix in ``raws`` order, and the found mask.
+
+    Rows of absent values (None) are NaN, which no stored vector can be (writes refuse
+    non-finite values), so the matrix alone still tells a reader which ids had no embedding.
+    The found values are joined into one buffer and converted by one numpy call into the
+    preallocated matrix: no Python object per user.
 
     Raises:
         CorruptEmbeddingError: naming the position of the first value of the wrong length.
     """
     dt = _dtype(dtype)
     expected = dim * dt.itemsize
-    for position, raw in enumerate(raws):
-        if len(raw) != expected:
-            raise CorruptEmbeddingError(
-                f"embedding value {position} is {len(raw)} bytes, expected {expected} "
-                f"({dim} x {dtype})"
-            )
-    joined = b"".join(raws)
-    return np.frombuffer(joined, dtype=dt).reshape(len(raws), dim).astype(np.float32)
+    found = np.array([raw is not None for raw in raws], dtype=bool)
+    hits = [raw for raw in raws if raw is not None]
+    matrix = np.full((len(raws), dim), np.nan, dtype=np.float32)
+    if hits and set(map(len, hits)) != {expected}:
+        position = next(
+            i for i, raw in enumerate(raws) if raw is not None and len(raw) != expected
+        )
+        raise CorruptEmbeddingError(
+            f"embedding value {position} is {len(raws[position])} bytes, expected {expected} "
+            f"({dim} x {dtype})"
+        )
+    if hits:
+        matrix[found] = np.frombuffer(b"".join(hits), dtype=dt).reshape(len(hits), dim)
+    return matrix, found
 
 
 def meta_key(user_id: str) -> str:
@@ -299,15 +310,27 @@ class AsyncEmbeddingStore:
         raw, meta = await self._reader.mget((embedding_key(version, user_id), meta_key(user_id)))
         return raw, meta
 
-    async def read_embeddings(
-        self, version: str, user_ids: Sequence[str]
-    ) -> list[tuple[bytes | None, bytes | None]]:
-        """``(embedding, meta)`` raw values in ``user_ids`` order, None where absent."""
-        keys: list[str] = []
-        for user_id, key in zip(user_ids, _embedding_keys(version, user_ids), strict=True):
-            keys.append(key)
-            keys.append(f"meta:{{{user_id}}}")
-        values: list[bytes | None] = []
-        for chunk in _chunks(keys, READ_BATCH):
-            values.extend(cast(list[bytes | None], await self.client.mget(chunk)))
-        return list(zip(values[::2], values[1::2], strict=True))
+    async def read_batch(
+        self, version: str, user_ids: Sequence[str], *, with_meta: bool = False
+    ) -> tuple[list[bytes | None], list[bytes | None] | None]:
+        """Raw embeddings in ``user_ids`` order (None where absent), and the users' meta records
+        when ``with_meta``.
+
+        Meta keys double the keys read and the values parsed, so they are read only when the
+        caller wants per-user update times. The MGETs of all chunks go out in one pipeline: one
+        round trip whatever the batch size, while no single command holds the server for long.
+        """
+        keys = _embedding_keys(version, user_ids)
+        if with_meta:
+            keys += [f"meta:{{{u}}}" for u in user_ids]
+        if not keys:
+            return [], [] if with_meta else None
+        if len(keys) <= READ_BATCH:
+            values = cast(list[bytes | None], await self.client.mget(keys))
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for chunk in _chunks(keys, READ_BATCH):
+                pipe.mget(chunk)
+            values = [v for chunk_values in await pipe.execute() for v in chunk_values]
+        n = len(user_ids)
+        return values[:n], values[n:] if with_meta else None

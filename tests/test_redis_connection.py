@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import redis.asyncio
 from redis._parsers import _HiredisParser
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -41,6 +42,27 @@ def test_sync_client_returns_bytes_through_hiredis(redis_client: redis.Redis) ->
         assert isinstance(connection._parser, _HiredisParser)
     finally:
         redis_client.connection_pool.release(connection)
+
+
+async def test_async_commands_pack_every_argument_kind(
+    async_redis_client: redis.asyncio.Redis,
+) -> None:
+    # One-word commands are packed by hiredis directly; multi-word ones (CLIENT SETNAME) and
+    # argument kinds hiredis refuses go through redis-py's serializer, with the same result.
+    client = async_redis_client
+    await client.set("k\u00e9", memoryview(b"\x00\xff"))
+    await client.mset({b"a": 1, "b": 2.5, "c": bytearray(b"x y")})
+    assert await client.mget(["k\u00e9", "a", b"b", "c", "nobody"]) == [
+        b"\x00\xff",
+        b"1",
+        b"2.5",
+        b"x y",
+        None,
+    ]
+    assert await client.client_setname("packed-by-hiredis")
+    assert await client.client_getname() == "packed-by-hiredis"
+    with pytest.raises(redis.DataError):
+        await client.set("k", None)  # type: ignore[arg-type]
 
 
 def test_client_recovers_after_a_server_restart(

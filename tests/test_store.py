@@ -16,6 +16,7 @@ from encoder_service.store import (
     InvalidIdError,
     decode_embedding,
     decode_meta,
+    decode_rows,
     embedding_key,
     encode_embedding,
     encode_embeddings,
@@ -174,7 +175,39 @@ async def test_async_reads_match_sync_writes(
     np.testing.assert_array_equal(decode_embedding(raw, DIM), matrix[7])
     assert decode_meta(meta) == (12.5, {"events:{0}": "1-0"})
     assert await store.read_embedding("v1", "nobody") == (None, None)
-    pairs = await store.read_embeddings("v1", [*users, "nobody"])
-    assert [raw for raw, _ in pairs[:-1]] == encode_embeddings(matrix)
-    assert pairs[-1] == (None, None)
-    assert decode_meta(pairs[7][1])[0] == 12.5 and decode_meta(pairs[8][1]) == (0.0, {})
+    raws, metas = await store.read_batch("v1", [*users, "nobody"], with_meta=True)
+    assert raws == [*encode_embeddings(matrix), None]
+    assert metas is not None and len(metas) == len(raws)
+    assert decode_meta(metas[7])[0] == 12.5 and metas[8] is None and metas[-1] is None
+    assert await store.read_batch("v1", ["u3", "nobody"]) == (
+        [encode_embeddings(matrix)[3], None],
+        None,
+    )
+
+
+async def test_a_batch_above_one_mget_is_read_in_pipelined_chunks(
+    redis_client: redis.Redis, async_redis_client: redis.asyncio.Redis
+) -> None:
+    users, matrix = _users(6000), _matrix(6000)
+    EmbeddingStore(redis_client).write_embeddings("v1", users, matrix)
+    redis_client.set(meta_key(users[-1]), encode_meta(3.5, {}))
+    wanted = [*users[::-1], "nobody"]  # with meta keys: 12,002 keys, two MGETs
+    raws, metas = await AsyncEmbeddingStore(async_redis_client).read_batch(
+        "v1", wanted, with_meta=True
+    )
+    decoded, found = decode_rows(raws, DIM)
+    assert found.tolist() == [True] * 6000 + [False]
+    np.testing.assert_array_equal(decoded[:-1], matrix[::-1])
+    assert np.isnan(decoded[-1]).all()
+    assert metas is not None and decode_meta(metas[0])[0] == 3.5 and metas[1] is None
+
+
+def test_decode_rows_names_the_first_value_of_the_wrong_length() -> None:
+    good = encode_embeddings(_matrix(2))
+    with pytest.raises(CorruptEmbeddingError, match="value 2 is 3 bytes"):
+        decode_rows([good[0], None, b"abc", good[1]], DIM)
+    half = encode_embeddings(_matrix(2), "float16")
+    matrix, found = decode_rows([None, half[1]], DIM, "float16")
+    assert found.tolist() == [False, True] and matrix.dtype == np.float32
+    np.testing.assert_array_equal(matrix[1], decode_embedding(half[1], DIM, "float16"))
+    assert np.isnan(matrix[0]).all()

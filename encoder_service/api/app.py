@@ -3,6 +3,7 @@ the lifespan so that each worker process opens its own pool."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -28,6 +29,19 @@ Reads need an API key with the `read` scope, sent as `Authorization: Bearer <key
 `application/problem+json` (RFC 9457); branch on their `type`."""
 
 
+def freeze_startup_heap() -> None:
+    """Take everything alive after start-up out of the garbage collector's sight.
+
+    A worker holds about 80,000 long-lived objects (modules, routes, pydantic models). Under
+    load, requests in flight survive young collections often enough to set off a full
+    collection every few seconds, and each one scans all of them: a pause of 20 ms or more that
+    lands in the tail latency of every request waiting behind it. Frozen objects are never
+    scanned again; what requests allocate is still collected.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The ASGI app; without ``settings``, the process-wide ones from the environment.
 
@@ -47,9 +61,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 version_cache_ttl=settings.api_version_cache_ttl,
             )
             service.reads.start()
+            freeze_startup_heap()
             try:
                 yield
             finally:
+                gc.unfreeze()  # an app run in-process must not leave its host's heap frozen
                 await service.reads.stop()
                 await client.aclose()
 

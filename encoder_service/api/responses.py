@@ -7,7 +7,7 @@ of a 64-float list per request costs more than the Redis round trip.
 from __future__ import annotations
 
 import io
-from functools import cache, lru_cache
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,9 @@ EMBEDDING_MEDIA_TYPES = (JSON, OCTET_STREAM, NPY)
 VERSION_HEADER = "X-Embedding-Version"
 DIM_HEADER = "X-Embedding-Dim"
 UPDATED_AT_HEADER = "X-Embedding-Updated-At"
+ALIGNED_FROM_HEADER = "X-Embedding-Aligned-From"
+COUNT_HEADER = "X-Embedding-Count"
+MISSING_HEADER = "X-Embedding-Missing"
 _FLOAT32_LE = np.dtype("<f4")
 
 
@@ -69,10 +72,10 @@ def negotiate(accept: str) -> str:
     return best
 
 
-@cache
-def _npy_header(dim: int) -> bytes:
+@lru_cache(maxsize=1024)
+def _npy_header(shape: tuple[int, ...]) -> bytes:
     buffer = io.BytesIO()
-    header = {"descr": _FLOAT32_LE.str, "fortran_order": False, "shape": (dim,)}
+    header = {"descr": _FLOAT32_LE.str, "fortran_order": False, "shape": shape}
     np.lib.format.write_array_header_1_0(buffer, header)
     return buffer.getvalue()
 
@@ -84,7 +87,7 @@ def binary_embedding(
     dim and ``updated_at`` in headers since the body cannot carry them."""
     payload = vector.astype(_FLOAT32_LE, copy=False).tobytes()
     if media_type == NPY:
-        payload = _npy_header(len(vector)) + payload
+        payload = _npy_header((len(vector),)) + payload
     headers = {
         VERSION_HEADER: version,
         DIM_HEADER: str(len(vector)),
@@ -92,3 +95,38 @@ def binary_embedding(
         "Vary": "Accept",
     }
     return Response(payload, media_type=media_type, headers=headers)
+
+
+def binary_batch(
+    matrix: np.ndarray,
+    media_type: str,
+    *,
+    version: str,
+    missing: int,
+    updated_at: np.ndarray | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """A batch as one little-endian float32 ``(n, dim)`` matrix in request order, NaN rows for
+    ids without an embedding; raw or as an ``.npy`` file.
+
+    The raw form appends the ``n`` update times as little-endian float64 when given (an ``.npy``
+    file holds one array, so the route refuses that combination). Rendering is one buffer copy,
+    whatever the batch size.
+    """
+    payload = np.ascontiguousarray(matrix, dtype=_FLOAT32_LE).tobytes()
+    if media_type == NPY:
+        payload = _npy_header(matrix.shape) + payload
+    elif updated_at is not None:
+        payload += updated_at.astype("<f8", copy=False).tobytes()
+    return Response(
+        payload,
+        media_type=media_type,
+        headers={
+            VERSION_HEADER: version,
+            DIM_HEADER: str(matrix.shape[1]),
+            COUNT_HEADER: str(matrix.shape[0]),
+            MISSING_HEADER: str(missing),
+            "Vary": "Accept",
+            **(headers or {}),
+        },
+    )

@@ -47,6 +47,11 @@ class Embedding(BaseModel):
     dim: int = Field(description="Length of `embedding`.")
     embedding: list[float] = Field(description=_VECTOR_DOC)
     updated_at: float = Field(description="When the embedding was last written, unix seconds.")
+    aligned_from: str | None = Field(
+        default=None,
+        description="With `as=`: the version read; `version` then names the space it was "
+        "mapped into.",
+    )
 
 
 class BatchRequest(BaseModel):
@@ -71,7 +76,11 @@ class BatchItem(BaseModel):
 
     user_id: str
     embedding: list[float] = Field(description=_VECTOR_DOC)
-    updated_at: float = Field(description="When the embedding was last written, unix seconds.")
+    updated_at: float | None = Field(
+        default=None,
+        description="When the embedding was last written, unix seconds; present only when "
+        "the request asks for it with `updated_at=true`.",
+    )
 
 
 class BatchResponse(BaseModel):
@@ -84,8 +93,8 @@ class BatchResponse(BaseModel):
                     "version": "v1",
                     "dim": 2,
                     "embeddings": [
-                        {"user_id": "u42", "embedding": [0.12, -0.5], "updated_at": 1718000000.25},
-                        {"user_id": "u7", "embedding": [0.3, 0.9], "updated_at": 1718000100.0},
+                        {"user_id": "u42", "embedding": [0.12, -0.5]},
+                        {"user_id": "u7", "embedding": [0.3, 0.9]},
                     ],
                     "missing": ["nobody"],
                 }
@@ -97,6 +106,11 @@ class BatchResponse(BaseModel):
     dim: int
     embeddings: list[BatchItem] = Field(description="One entry per found id, in request order.")
     missing: list[str] = Field(description="Ids without an embedding, in request order.")
+    aligned_from: str | None = Field(
+        default=None,
+        description="With `as=`: the version read; `version` then names the space the "
+        "embeddings were mapped into.",
+    )
 
 
 class StatusChange(BaseModel):

@@ -25,8 +25,8 @@ from encoder_service.store import (
     CorruptEmbeddingError,
     EmbeddingDtype,
     decode_embedding,
-    decode_embeddings,
     decode_meta,
+    decode_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,39 @@ class StoredEmbedding:
     user_id: str
     vector: np.ndarray  # float32, (dim,)
     updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRead:
+    """A batch in request order, as arrays: one row per requested id, NaN where none is stored.
+
+    Arrays rather than an object per user: a batch of 1,000 then costs a few numpy calls to
+    decode and to render, instead of thousands of Python objects to build and collect.
+    """
+
+    version: str
+    """The version whose space the rows are in (the ``as=`` target when aligned)."""
+    user_ids: Sequence[str]
+    matrix: np.ndarray
+    """float32, ``(n, dim)``; NaN rows where ``found`` is False."""
+    found: np.ndarray
+    """bool, ``(n,)``."""
+    updated_at: np.ndarray | None
+    """float64 unix seconds, ``(n,)``, NaN where not found; None unless asked for."""
+    aligned_from: str | None = None
+    """The version read, when the rows were mapped into another version's space."""
+
+    @property
+    def missing(self) -> list[str]:
+        return [u for u, hit in zip(self.user_ids, self.found.tolist(), strict=True) if not hit]
+
+    def aligned(self, mapping: AlignmentMap) -> BatchRead:
+        """The found rows mapped into ``mapping.target``'s space; missing rows stay NaN."""
+        matrix = np.full((len(self.matrix), mapping.weight.shape[1]), np.nan, dtype=np.float32)
+        matrix[self.found] = mapping.apply(self.matrix[self.found])
+        return BatchRead(
+            mapping.target, self.user_ids, matrix, self.found, self.updated_at, self.version
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,34 +241,40 @@ class EmbeddingService:
             )
         return self._decode(info, user_id, raw, meta)
 
-    async def embeddings(
-        self, info: VersionInfo, user_ids: Sequence[str]
-    ) -> tuple[list[StoredEmbedding], list[str]]:
-        """Found embeddings in ``user_ids`` order, and the ids without one, in order too.
+    async def batch(
+        self, info: VersionInfo, user_ids: Sequence[str], *, with_updated_at: bool = False
+    ) -> BatchRead:
+        """The embeddings of ``user_ids`` in order; per-user update times only when asked, since
+        they double the keys read.
 
         Raises:
             BatchTooLargeError: more ids than ``batch_limit``.
+            CorruptStoredEmbeddingError: naming the first user whose value is unreadable.
         """
         if len(user_ids) > self.batch_limit:
             raise BatchTooLargeError(
                 f"{len(user_ids)} ids in one batch; at most {self.batch_limit} are allowed",
                 limit=self.batch_limit,
             )
-        pairs = await self.store.read_embeddings(info.version, user_ids) if user_ids else []
-        hits = [(u, raw, meta) for u, (raw, meta) in zip(user_ids, pairs, strict=True) if raw]
-        missing = [u for u, (raw, _) in zip(user_ids, pairs, strict=True) if raw is None]
+        raws, metas = await self.store.read_batch(info.version, user_ids, with_meta=with_updated_at)
         try:
-            matrix = decode_embeddings([raw for _, raw, _ in hits], info.dim, info.dtype)
+            matrix, found = decode_rows(raws, info.dim, info.dtype)
         except CorruptEmbeddingError:
             # Name the user: decode one by one, the first corrupt value raises with its id.
-            for user_id, raw, meta in hits:
-                self._decode(info, user_id, raw, meta)
+            for user_id, raw in zip(user_ids, raws, strict=True):
+                if raw is not None:
+                    self._decode(info, user_id, raw, None)
             raise
-        found = [
-            StoredEmbedding(user_id, matrix[row], max(info.published_at, decode_meta(meta)[0]))
-            for row, (user_id, _, meta) in enumerate(hits)
-        ]
-        return found, missing
+        updated_at = None
+        if metas is not None:
+            updated_at = np.array(
+                [
+                    max(info.published_at, decode_meta(meta)[0]) if hit else np.nan
+                    for hit, meta in zip(found.tolist(), metas, strict=True)
+                ],
+                dtype=np.float64,
+            )
+        return BatchRead(info.version, user_ids, matrix, found, updated_at)
 
     async def alignment(self, info: VersionInfo, target: str) -> AlignmentMap:
         """The map from ``info``'s space to ``target``'s, cached like the version list.

@@ -8,6 +8,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+import redis
 from downstream_adapters.errors import (
     BatchTooLargeError,
     RetiredVersionError,
@@ -21,8 +22,9 @@ from downstream_adapters.errors import (
 from downstream_adapters import AsyncEmbeddingClient, EmbeddingClient, Pin, RetryPolicy
 from encoder_service.api.app import create_app
 from encoder_service.redis_connection import sync_client
+from encoder_service.store import encode_meta, meta_key
 from tests.adapters.conftest import USERS, Service, publish_versions
-from tests.api.conftest import KEYS, live_server, make_settings
+from tests.api.conftest import KEYS, UPDATED_AT, live_server, make_settings
 
 FAST_RETRY = RetryPolicy(attempts=3, initial=0.01, maximum=0.05, deadline=5)
 
@@ -37,6 +39,37 @@ def test_fetch_returns_the_stored_vectors_in_request_order(service: Service) -> 
     np.testing.assert_array_equal(batch.vectors[:97], service.matrix("v1", wanted[:97]))
     np.testing.assert_array_equal(batch.vectors[98], service.vectors["v1"][USERS[3]])
     assert np.isnan(batch.vectors[97]).all()
+
+
+def test_bulk_reads_travel_as_binary_matrices_with_update_times_on_request(
+    service: Service, redis_client: redis.Redis
+) -> None:
+    accepts: list[str] = []
+    refreshed_at = 1_800_000_000.5
+    redis_client.set(meta_key(USERS[2]), encode_meta(refreshed_at, {}))
+    with EmbeddingClient(service.url, version="v1", api_key=service.read_key) as client:
+        client._http.event_hooks["request"].append(
+            lambda r: accepts.append(r.headers["accept"]) if r.method == "POST" else None
+        )
+        plain = client.fetch(USERS[:4] + ["nobody"])
+        timed = client.fetch(USERS[:4] + ["nobody"], updated_at=True)
+    assert accepts == ["application/octet-stream"] * 2
+    np.testing.assert_array_equal(timed.vectors[:4], service.matrix("v1", USERS[:4]))
+    np.testing.assert_array_equal(plain.vectors, timed.vectors)
+    assert plain.missing == timed.missing == ["nobody"]
+    assert np.isnan(plain.updated_at).all()
+    assert timed.updated_at[2] == refreshed_at
+    assert np.all(timed.updated_at[[0, 1, 3]] == UPDATED_AT) and np.isnan(timed.updated_at[4])
+
+
+async def test_async_bulk_reads_with_update_times(service: Service) -> None:
+    async with AsyncEmbeddingClient(
+        service.url, version="v2", api_key=service.read_key, batch_size=25
+    ) as client:
+        batch = await client.fetch(USERS[50:70], updated_at=True)
+    np.testing.assert_array_equal(batch.vectors[:10], service.matrix("v2", USERS[50:60]))
+    assert batch.missing == USERS[60:70]  # v2 holds the first 60 users only
+    assert np.all(batch.updated_at[:10] == UPDATED_AT) and np.isnan(batch.updated_at[10:]).all()
 
 
 def test_a_pinned_client_reads_its_version_not_the_active_one(service: Service) -> None:

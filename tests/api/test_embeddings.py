@@ -117,8 +117,7 @@ async def test_batch_keeps_request_order_and_lists_missing(
     assert [e["user_id"] for e in body["embeddings"]] == ["u9", "u1", "alice@example.org", "u9"]
     assert body["missing"] == ["nobody", "ghost"]
     for entry in body["embeddings"]:
-        assert entry.keys() == {"user_id", "embedding", "updated_at"}
-        assert entry["updated_at"] == UPDATED_AT
+        assert entry.keys() == {"user_id", "embedding"}  # updated_at only when asked
         expected = catalog.vectors["v1"][entry["user_id"]]
         np.testing.assert_array_equal(as_float32(entry["embedding"]), expected)
 

@@ -129,7 +129,13 @@ async def test_corrupt_value_is_a_500_problem(
     problem = assert_problem(await client.get("/v1/users/u2/embedding"), 500, "corrupt-embedding")
     assert problem["user_id"] == "u2"
     batch = await client.post("/v1/embeddings:batch", json={"user_ids": ["u1", "u2"]})
-    assert_problem(batch, 500, "corrupt-embedding")
+    assert assert_problem(batch, 500, "corrupt-embedding")["user_id"] == "u2"
+    binary = await client.post(
+        "/v1/embeddings:batch",
+        json={"user_ids": ["u1", "u2"]},
+        headers={"Accept": "application/octet-stream"},
+    )
+    assert assert_problem(binary, 500, "corrupt-embedding")["user_id"] == "u2"
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -6,7 +6,8 @@ Example:
     >>> client.info().pin                     # Pin(version='v3', dim=64, schema_hash='...')
 
 Bulk reads go through ``POST /v1/embeddings:batch`` in chunks of at most ``batch_size`` ids
-(the async client sends chunks concurrently); a single user is read in the binary format. Every
+(the async client sends chunks concurrently), in the binary format: one float32 matrix per
+chunk, no JSON floats to print and parse. A single user is read in the binary format too. Every
 call retries 429, 503 and transport errors with backoff (:mod:`downstream_adapters.retry`).
 Without a pinned ``version`` the server's active version is read, which changes under you when
 a new version is promoted: pin one for anything that feeds a trained head.
@@ -29,10 +30,11 @@ from downstream_adapters.wire import (
     VersionInfo,
     assemble,
     batch_body,
+    batch_params,
     chunks,
     decode_binary,
     embedding_path,
-    parse_batch,
+    parse_binary_batch,
     raise_for_problem,
     with_idempotency_keys,
 )
@@ -153,18 +155,27 @@ class EmbeddingClient(_Base):
         )
         return decode_binary(response, self.version)
 
-    def fetch(self, user_ids: Sequence[str]) -> Embeddings:
-        """Vectors for ``user_ids`` in order; unknown users are NaN rows listed in ``missing``."""
+    def fetch(self, user_ids: Sequence[str], *, updated_at: bool = False) -> Embeddings:
+        """Vectors for ``user_ids`` in order; unknown users are NaN rows listed in ``missing``.
+
+        ``updated_at=True`` also fetches each user's last update time (the server then reads
+        twice the keys).
+        """
         info = self.info()
+        pin = info.pin
         hits, wanted = self._cached(user_ids)
         for chunk in chunks(wanted, self.batch_size):
             response = self._request(
-                "POST", "/v1/embeddings:batch", json=batch_body(chunk, info.pin.version)
+                "POST",
+                "/v1/embeddings:batch",
+                json=batch_body(chunk, pin.version),
+                params=batch_params(updated_at),
+                headers={"Accept": OCTET_STREAM},
             )
-            version, _, found = parse_batch(response.json(), info.pin.dim)
-            self._remember(version, found)
+            found = parse_binary_batch(response, chunk, pin.version, pin.dim, updated_at=updated_at)
+            self._remember(pin.version, found)
             hits.update(found)
-        return assemble(info.pin.version, user_ids, info.pin.dim, hits)
+        return assemble(pin.version, user_ids, pin.dim, hits)
 
     def ingest(self, events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """Append events (the offline events-table fields, plus optional ``categories`` and
@@ -234,21 +245,27 @@ class AsyncEmbeddingClient(_Base):
         )
         return decode_binary(response, self.version)
 
-    async def fetch(self, user_ids: Sequence[str]) -> Embeddings:
-        """Vectors for ``user_ids`` in order; unknown users are NaN rows listed in ``missing``."""
+    async def fetch(self, user_ids: Sequence[str], *, updated_at: bool = False) -> Embeddings:
+        """See :meth:`EmbeddingClient.fetch`."""
         info = await self.info()
+        pin = info.pin
         hits, wanted = self._cached(user_ids)
 
         async def one(chunk: list[str]) -> dict[str, Entry]:
-            body = batch_body(chunk, info.pin.version)
-            response = await self._request("POST", "/v1/embeddings:batch", json=body)
-            version, _, found = parse_batch(response.json(), info.pin.dim)
-            self._remember(version, found)
+            response = await self._request(
+                "POST",
+                "/v1/embeddings:batch",
+                json=batch_body(chunk, pin.version),
+                params=batch_params(updated_at),
+                headers={"Accept": OCTET_STREAM},
+            )
+            found = parse_binary_batch(response, chunk, pin.version, pin.dim, updated_at=updated_at)
+            self._remember(pin.version, found)
             return found
 
         for found in await asyncio.gather(*(one(c) for c in chunks(wanted, self.batch_size))):
             hits.update(found)
-        return assemble(info.pin.version, user_ids, info.pin.dim, hits)
+        return assemble(pin.version, user_ids, pin.dim, hits)
 
     async def ingest(self, events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """See :meth:`EmbeddingClient.ingest`."""

@@ -20,6 +20,8 @@ OCTET_STREAM = "application/octet-stream"
 VERSION_HEADER = "x-embedding-version"
 DIM_HEADER = "x-embedding-dim"
 UPDATED_AT_HEADER = "x-embedding-updated-at"
+COUNT_HEADER = "x-embedding-count"
+MISSING_HEADER = "x-embedding-missing"
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ class Embeddings:
     """Vectors for requested users, in request order.
 
     ``vectors`` is ``[n, dim]`` float32; rows of users listed in ``missing`` are NaN, and
-    ``found`` marks the others. ``updated_at`` holds unix seconds (NaN when missing or cached).
+    ``found`` marks the others. ``updated_at`` holds unix seconds, NaN when missing, cached, or
+    not asked for (``fetch(..., updated_at=True)``).
     """
 
     version: str
@@ -123,18 +126,53 @@ def batch_body(user_ids: list[str], version: str | None) -> dict[str, Any]:
     return body
 
 
-def parse_batch(
-    body: Mapping[str, Any], dim: int | None
-) -> tuple[str, int, dict[str, tuple[np.ndarray, float]]]:
-    """``(version, dim, {user: (vector, updated_at)})`` of one batch answer."""
-    served_dim = int(body["dim"])
-    if dim is not None and served_dim != dim:
+def batch_params(updated_at: bool) -> dict[str, str] | None:
+    return {"updated_at": "true"} if updated_at else None
+
+
+def parse_binary_batch(
+    response: httpx.Response,
+    user_ids: Sequence[str],
+    version: str,
+    dim: int,
+    *,
+    updated_at: bool,
+) -> dict[str, tuple[np.ndarray, float]]:
+    """``{user: (vector, updated_at)}`` of the found users of one binary batch answer.
+
+    The body is one float32 ``(n, dim)`` matrix in request order with NaN rows for missing
+    ids, then ``n`` float64 update times when asked for; every header is checked against the
+    request, so a body from another version or of another shape is refused, never misread.
+    """
+    served = response.headers[VERSION_HEADER]
+    if served != version:
+        raise VersionMismatchError(f"asked for version {version!r}, got {served!r}")
+    served_dim = int(response.headers[DIM_HEADER])
+    if served_dim != dim:
         raise VersionMismatchError(f"expected {dim}-dim embeddings, the server sent {served_dim}")
-    found = {
-        e["user_id"]: (np.asarray(e["embedding"], dtype=np.float32), float(e["updated_at"]))
-        for e in body["embeddings"]
+    rows = len(user_ids)
+    width = rows * dim * 4
+    expected = width + (rows * 8 if updated_at else 0)
+    if int(response.headers[COUNT_HEADER]) != rows or len(response.content) != expected:
+        raise AdapterError(
+            f"batch body of {len(response.content)} bytes for {response.headers[COUNT_HEADER]} "
+            f"rows; expected {expected} bytes for {rows} ids of {dim} dims"
+        )
+    matrix = np.frombuffer(response.content, "<f4", count=rows * dim).reshape(rows, dim)
+    matrix = matrix.astype(np.float32)
+    found = ~np.isnan(matrix).all(axis=1)
+    if rows - int(found.sum()) != int(response.headers[MISSING_HEADER]):
+        raise AdapterError("the NaN rows of a batch body disagree with its missing count")
+    stamps = (
+        np.frombuffer(response.content, "<f8", offset=width).tolist()
+        if updated_at
+        else [float("nan")] * rows
+    )
+    return {
+        user: (row, stamp)
+        for user, row, stamp, hit in zip(user_ids, matrix, stamps, found.tolist(), strict=True)
+        if hit
     }
-    return str(body["version"]), served_dim, found
 
 
 def assemble(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from starlette.responses import Response
 
 from encoder_service.api import metrics
@@ -23,13 +24,17 @@ from encoder_service.api.problems import (
     problem_responses,
 )
 from encoder_service.api.responses import (
+    ALIGNED_FROM_HEADER,
+    COUNT_HEADER,
     DIM_HEADER,
     JSON,
+    MISSING_HEADER,
     NPY,
     OCTET_STREAM,
     UPDATED_AT_HEADER,
     VERSION_HEADER,
     JSONBytesResponse,
+    binary_batch,
     binary_embedding,
     negotiate,
 )
@@ -40,6 +45,7 @@ from encoder_service.api.schemas import (
     BatchResponse,
     Embedding,
 )
+from encoder_service.api.service import BatchRead
 
 router = APIRouter(prefix="/v1", tags=["embeddings"])
 
@@ -64,7 +70,13 @@ AsQuery = Annotated[
         examples=["v1"],
     ),
 ]
-ALIGNED_FROM_HEADER = "X-Embedding-Aligned-From"
+UpdatedAtQuery = Annotated[
+    bool,
+    Query(
+        description="Also return each user's `updated_at`. Off by default: it doubles the keys "
+        "a batch reads. Not available with `Accept: application/x-npy`.",
+    ),
+]
 UserIdPath = Annotated[
     str, Path(pattern=USER_ID_REGEX, max_length=128, description="The user.", examples=["u42"])
 ]
@@ -74,6 +86,26 @@ _BINARY_HEADERS = {
     VERSION_HEADER: {"description": "Version read.", "schema": {"type": "string"}},
     DIM_HEADER: {"description": "Vector length.", "schema": {"type": "integer"}},
     UPDATED_AT_HEADER: {"description": "Last write, unix seconds.", "schema": {"type": "number"}},
+    ALIGNED_FROM_HEADER: {
+        "description": "With `as=`: the version read and mapped.",
+        "schema": {"type": "string"},
+    },
+}
+_BATCH_HEADERS = {
+    VERSION_HEADER: {
+        "description": "The version whose space the rows are in.",
+        "schema": {"type": "string"},
+    },
+    DIM_HEADER: {"description": "Columns of the matrix.", "schema": {"type": "integer"}},
+    COUNT_HEADER: {
+        "description": "Rows of the matrix: the ids requested.",
+        "schema": {"type": "integer"},
+    },
+    MISSING_HEADER: {
+        "description": "How many ids have no embedding (their rows are NaN).",
+        "schema": {"type": "integer"},
+    },
+    ALIGNED_FROM_HEADER: _BINARY_HEADERS[ALIGNED_FROM_HEADER],
 }
 _READ_PROBLEMS = (
     UNAUTHENTICATED,
@@ -140,22 +172,88 @@ async def read_embedding(
 @router.post(
     "/embeddings:batch",
     response_model=BatchResponse,
-    responses=problem_responses(BATCH_TOO_LARGE, *_READ_PROBLEMS),
+    responses={
+        200: {
+            "description": "Found users in request order and the ids without an embedding. "
+            "`Accept: application/octet-stream` gives one little-endian float32 matrix, one "
+            "row per requested id in request order, NaN rows for ids without an embedding "
+            "(stored vectors are never NaN), followed by one little-endian float64 "
+            "`updated_at` per id when `updated_at=true`; `Accept: application/x-npy` gives "
+            "the matrix as a NumPy `.npy` file. Binary bodies carry version, dim, row and "
+            "missing counts in headers.",
+            "headers": _BATCH_HEADERS,
+            "content": {OCTET_STREAM: _BINARY_SCHEMA, NPY: _BINARY_SCHEMA},
+        },
+        **problem_responses(BATCH_TOO_LARGE, *_READ_PROBLEMS),
+    },
 )
-async def read_embeddings(batch: BatchRequest, request: Request, reader: Reader) -> Response:
+async def read_embeddings(
+    batch: BatchRequest,
+    request: Request,
+    reader: Reader,
+    as_: AsQuery = None,
+    updated_at: UpdatedAtQuery = False,
+) -> Response:
     """Read many users' embeddings in request order, listing the ids that have none."""
+    media_type = negotiate(request.headers.get("accept") or JSON)
+    if media_type == NPY and updated_at:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("query", "updated_at"),
+                    "msg": "an .npy body holds only the matrix; ask for "
+                    "application/octet-stream or JSON to get updated_at",
+                    "type": "value_error",
+                }
+            ]
+        )
     service = service_of(request)
     info = await service.resolve(batch.version)
     metrics.tag_version(request, info.version)
-    found, missing = await service.embeddings(info, batch.user_ids)
-    metrics.record_served(info.version, reader.name, len(found), len(missing))
-    service.reads.count(info.version, reader.name, len(found))
-    body = {
-        "version": info.version,
-        "dim": info.dim,
-        "embeddings": [
-            {"user_id": e.user_id, "embedding": e.vector, "updated_at": e.updated_at} for e in found
-        ],
-        "missing": missing,
+    # The map first: a missing one refuses the request before anything is read.
+    mapping = await service.alignment(info, as_) if as_ is not None else None
+    read = await service.batch(info, batch.user_ids, with_updated_at=updated_at)
+    found = int(read.found.sum())
+    metrics.record_served(info.version, reader.name, found, len(read.found) - found)
+    service.reads.count(info.version, reader.name, found)
+    if mapping is not None:
+        read = read.aligned(mapping)
+    if media_type != JSON:
+        aligned = {ALIGNED_FROM_HEADER: read.aligned_from} if read.aligned_from else {}
+        return binary_batch(
+            read.matrix,
+            media_type,
+            version=read.version,
+            missing=len(read.found) - found,
+            updated_at=read.updated_at,
+            headers=aligned,
+        )
+    return JSONBytesResponse(_batch_body(read), headers={"Vary": "Accept"})
+
+
+def _batch_body(read: BatchRead) -> dict[str, object]:
+    """The JSON answer; numpy rows go to orjson as they are, with no list of floats built."""
+    hits = read.found.tolist()
+    if read.updated_at is None:
+        embeddings = [
+            {"user_id": user_id, "embedding": row}
+            for user_id, row, hit in zip(read.user_ids, read.matrix, hits, strict=True)
+            if hit
+        ]
+    else:
+        embeddings = [
+            {"user_id": user_id, "embedding": row, "updated_at": at}
+            for user_id, row, at, hit in zip(
+                read.user_ids, read.matrix, read.updated_at.tolist(), hits, strict=True
+            )
+            if hit
+        ]
+    body: dict[str, object] = {
+        "version": read.version,
+        "dim": read.matrix.shape[1],
+        "embeddings": embeddings,
+        "missing": read.missing,
     }
-    return JSONBytesResponse(body)
+    if read.aligned_from is not None:
+        body["aligned_from"] = read.aligned_from
+    return body
