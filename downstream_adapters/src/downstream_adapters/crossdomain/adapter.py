@@ -245,7 +245,7 @@ class CrossDomainAdapter:
         teacher: BinaryMLP | None,
         warm_start: bool,
     ) -> Self:
-        train, validation = self._split(target)
+        train, validation = self.split(target)
         self.selection = self.select(train, source, graph)
         if teacher is not None:
             self.teacher = teacher
@@ -300,7 +300,7 @@ class CrossDomainAdapter:
             x, y, validation=(validation.x, validation.y)
         )
 
-    def _split(self, target: DomainSamples) -> tuple[DomainSamples, DomainSamples]:
+    def split(self, target: DomainSamples) -> tuple[DomainSamples, DomainSamples]:
         n_val = max(1, int(round(len(target) * self.val_fraction)))
         if len(target) - n_val < 1:
             raise ValueError("the target domain needs at least two samples")

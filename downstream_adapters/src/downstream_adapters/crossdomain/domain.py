@@ -77,16 +77,25 @@ class DomainClassifier:
 
 
 def importance_weights(ratio: np.ndarray, *, max_weight: float = 10.0) -> np.ndarray:
-    """Density ratios rescaled to mean 1 and clipped at ``max_weight`` times that mean.
+    """Density ratios clipped at ``max_weight`` times their mean, then rescaled to mean 1.
 
-    Clipping bounds the variance a handful of extremely target-like source samples would add;
-    the result is rescaled to mean 1 again, so the source's total weight is its sample count.
+    Clipping bounds the variance a handful of extremely target-like source samples would add.
+    The cap is the fixed point ``c = max_weight * mean(min(ratio, c))``, so it holds after the
+    rescaling too: no weight exceeds ``max_weight`` and the source's total weight is its
+    sample count.
     """
+    if max_weight <= 1:
+        raise ValueError("max_weight must be above 1")
     ratio = np.asarray(ratio, dtype=np.float64)
     if len(ratio) == 0:
         return ratio
-    w = ratio / ratio.mean()
-    w = np.minimum(w, max_weight)
+    cap = max_weight * ratio.mean()
+    for _ in range(100):
+        nxt = max_weight * np.minimum(ratio, cap).mean()
+        if nxt >= cap * (1 - 1e-9):
+            break
+        cap = nxt
+    w = np.minimum(ratio, cap)
     return w / w.mean()
 
 

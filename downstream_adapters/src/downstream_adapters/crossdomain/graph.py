@@ -137,10 +137,15 @@ def sample_scores(
 
 
 def coarse_select(scores: np.ndarray, keep_fraction: float) -> np.ndarray:
-    """Boolean mask keeping the ``keep_fraction`` highest-scoring samples (ties kept together)."""
+    """Boolean mask keeping the ``keep_fraction`` highest-scoring samples.
+
+    Ties at the threshold are kept together, but a sample scoring 0 (a node no walk from the
+    target reaches) is never kept, so fewer than ``keep_fraction`` may survive.
+    """
     if not 0 < keep_fraction <= 1:
         raise ValueError("keep_fraction must be in (0, 1]")
-    if keep_fraction == 1 or len(scores) == 0:
-        return np.ones(len(scores), dtype=bool)
+    scores = np.asarray(scores)
+    if len(scores) == 0:
+        return np.ones(0, dtype=bool)
     threshold = np.quantile(scores, 1 - keep_fraction)
-    return scores >= threshold
+    return (scores >= threshold) & (scores > 0)
