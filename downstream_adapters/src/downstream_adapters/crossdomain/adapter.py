@@ -102,6 +102,9 @@ class CrossDomainAdapter:
         distill: ``"adaptive"`` (the per-sample weight of :mod:`.distill`), ``"fixed"``
             (``alpha = strength`` everywhere) or ``"none"``.
         strength, kd_temperature: lambda and tau of the distillation weight.
+        init_from_teacher: start the student from the teacher's weights (representation
+            transfer) at ``init_lr_scale`` times the learning rate, rather than from scratch;
+            needs a :class:`BinaryMLP` teacher and a distillation mode other than ``"none"``.
         val_fraction: the latest share of target samples used for early stopping.
         update_steps: the step budget of a continual :meth:`update`.
         seed: every network's initial weights and minibatch order.
@@ -122,6 +125,8 @@ class CrossDomainAdapter:
         distill: DistillMode = "adaptive",
         strength: float = 1.0,
         kd_temperature: float = 0.5,
+        init_from_teacher: bool = True,
+        init_lr_scale: float = 0.25,
         val_fraction: float = 0.2,
         update_steps: int = 1000,
         seed: int = 0,
@@ -142,6 +147,8 @@ class CrossDomainAdapter:
         self.distill = distill
         self.strength = strength
         self.kd_temperature = kd_temperature
+        self.init_from_teacher = init_from_teacher
+        self.init_lr_scale = init_lr_scale
         self.val_fraction = val_fraction
         self.update_steps = update_steps
         self.seed = seed
@@ -264,18 +271,33 @@ class CrossDomainAdapter:
                 temperature=self.kd_temperature,
                 adaptive=self.distill == "adaptive",
             )
-        if not warm_start or self.student is None:
-            self.student = BinaryMLP(seed=self.seed, **self.network)
+        continued = warm_start and self.student is not None
+        if not continued:
+            self.student = self._initial_student()
+        assert self.student is not None
         self.student.fit(
             x,
             y,
             validation=(validation.x, validation.y),
             sample_weight=w,
             distillation=distillation,
-            warm_start=warm_start,
-            max_steps=self.update_steps if warm_start else None,
+            warm_start=continued or self.student.module is not None,
+            max_steps=self.update_steps if continued else None,
         )
         return self
+
+    def _initial_student(self) -> BinaryMLP:
+        """A fresh network, or a copy of the teacher to continue from (at a lower rate)."""
+        if (
+            self.init_from_teacher
+            and isinstance(self.teacher, BinaryMLP)
+            and self.distill != "none"
+        ):
+            student = copy.deepcopy(self.teacher)
+            student.config["lr"] = float(student.config["lr"]) * self.init_lr_scale
+            student.config["seed"] = self.seed
+            return student
+        return BinaryMLP(seed=self.seed, **self.network)
 
     def _entire_space(
         self,
