@@ -281,6 +281,7 @@ class CrossDomainAdapter:
             validation=(validation.x, validation.y),
             sample_weight=w,
             distillation=distillation,
+            # a student copied from the teacher continues from its weights and input scaling
             warm_start=continued or self.student.module is not None,
             max_steps=self.update_steps if continued else None,
         )
@@ -323,6 +324,8 @@ class CrossDomainAdapter:
         )
 
     def split(self, target: DomainSamples) -> tuple[DomainSamples, DomainSamples]:
+        """(training, validation): the latest ``val_fraction`` of the time-ordered samples
+        validate, so early stopping judges the model on the period closest to its use."""
         n_val = max(1, int(round(len(target) * self.val_fraction)))
         if len(target) - n_val < 1:
             raise ValueError("the target domain needs at least two samples")
