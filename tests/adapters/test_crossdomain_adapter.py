@@ -96,6 +96,20 @@ def test_update_warm_starts_from_the_previous_student() -> None:
     assert distance_prev < distance_init
 
 
+def test_update_early_stops_on_the_previous_period_too() -> None:
+    world = make_world(seed=6, n_related=300, n_unrelated=300)
+    target, source, _ = _split(world, n_train=300)
+    adapter = CrossDomainAdapter(coarse=False, distill="none", update_steps=10, **NETWORK)
+    adapter.fit(target, source)
+    assert adapter.validation is not None
+    first = adapter.validation.x.copy()
+    newer = target.take(np.arange(100))
+    adapter.update(newer, source)
+    # the latest 20 % of the new period (20 samples) after the previous period's 60
+    assert len(adapter.validation) == len(first) + 20
+    assert np.array_equal(adapter.validation.x[: len(first)], first)
+
+
 def test_update_before_fit_is_refused() -> None:
     world = make_world(seed=4, n_related=100, n_unrelated=100)
     target, source, _ = _split(world)

@@ -156,6 +156,7 @@ class CrossDomainAdapter:
         self.student: BinaryMLP | None = None
         self.teacher: BinaryMLP | None = None
         self.selection: Selection | None = None
+        self.validation: DomainSamples | None = None
 
     def fit(
         self,
@@ -184,6 +185,8 @@ class CrossDomainAdapter:
 
         Selection is redone on the new period's samples (and graph, when given); the student,
         and an internally trained teacher, continue from their weights for ``update_steps``.
+        Early stopping looks at the new period's validation split together with the previous
+        ones, so an update that fits the new period by forgetting the old one is not kept.
         """
         if self.student is None:
             raise RuntimeError("fit the adapter before updating it")
@@ -253,6 +256,10 @@ class CrossDomainAdapter:
         warm_start: bool,
     ) -> Self:
         train, validation = self.split(target)
+        if warm_start and self.validation is not None:
+            # early stopping also judges the previous period, so a forgetting update loses
+            validation = _concat(self.validation, validation)
+        self.validation = validation
         self.selection = self.select(train, source, graph)
         if teacher is not None:
             self.teacher = teacher
@@ -331,6 +338,18 @@ class CrossDomainAdapter:
             raise ValueError("the target domain needs at least two samples")
         rows = np.arange(len(target))
         return target.take(rows[:-n_val]), target.take(rows[-n_val:])
+
+
+def _concat(a: DomainSamples, b: DomainSamples) -> DomainSamples:
+    def both(u: np.ndarray | None, v: np.ndarray | None) -> np.ndarray | None:
+        return None if u is None or v is None else np.concatenate([u, v])
+
+    return DomainSamples(
+        np.concatenate([a.x, b.x]),
+        np.concatenate([a.y, b.y]),
+        both(a.users, b.users),
+        both(a.items, b.items),
+    )
 
 
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
