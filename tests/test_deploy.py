@@ -93,14 +93,47 @@ def test_compose_and_k8s_settings_are_fields_of_settings() -> None:
         if "encoder-service" in str(service.get("build", {})) or name in ("api", "refresher")
         for key in service.get("environment", {})
     ]
+    as_environment = {
+        ref["name"]
+        for doc in K8S
+        if doc["kind"] in ("Deployment", "Job")
+        for container in _pod(doc)["containers"]
+        for source in container.get("envFrom", [])
+        for ref in (source.get("configMapRef"), source.get("secretRef"))
+        if ref
+    }
     passed += [
         ("ConfigMap/Secret", key)
         for doc in K8S
-        if doc["kind"] in ("ConfigMap", "Secret")
+        if doc["kind"] in ("ConfigMap", "Secret") and doc["metadata"]["name"] in as_environment
         for key in {**doc.get("data", {}), **doc.get("stringData", {})}
     ]
     unknown = [(where, key) for where, key in passed if key not in SETTINGS]
     assert passed and unknown == []
+
+
+def test_k8s_api_reads_its_keys_from_a_mounted_secret_file() -> None:
+    """A whole-directory Secret mount is what lets keys rotate without restarting a pod."""
+    (doc,) = [
+        d for d in K8S if d["kind"] == "Deployment" and d["metadata"]["name"] == "encoder-api"
+    ]
+    (container,) = _pod(doc)["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    path = Path(env["ENCODER_API_KEYS_FILE"])
+    (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == path.parent]
+    assert "subPath" not in mount
+    (volume,) = [v for v in _pod(doc)["volumes"] if v["name"] == mount["name"]]
+    (secret,) = [
+        d
+        for d in K8S
+        if d["kind"] == "Secret" and d["metadata"]["name"] == volume["secret"]["secretName"]
+    ]
+    assert path.name in secret["stringData"]
+    assert "ENCODER_API_KEYS_FILE" in SETTINGS
+
+
+def _pod(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["spec"]["template"]["spec"]
 
 
 def _containers(kind: str, name: str) -> list[dict[str, Any]]:
