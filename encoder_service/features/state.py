@@ -30,8 +30,8 @@ from encoder_service.features.schema import (
 )
 
 SECONDS_PER_DAY = 86_400.0
-_STATE_MAGIC = b"FS1"
-_HEADER = struct.Struct("<3sI")
+STATE_MAGIC = b"FS1"
+STATE_HEADER = struct.Struct("<3sI")
 
 
 def heatmap_cell(timestamp: float) -> int:
@@ -107,7 +107,7 @@ class FeatureState:
         contribution = w * scale
         self.mass += contribution
 
-        categories = _item_categories(event, catalogs)
+        categories = item_categories(event, catalogs)
         if categories:
             share = contribution / len(categories)
             for name in categories:
@@ -161,15 +161,16 @@ class FeatureState:
         head = orjson.dumps(header, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
         arrays = [self.mass, self.heatmap, *(self.item_sums[cid].ravel() for cid in item_ids)]
         body = np.concatenate(arrays).astype("<f4").tobytes()
-        return _HEADER.pack(_STATE_MAGIC, len(head)) + head + body
+        return STATE_HEADER.pack(STATE_MAGIC, len(head)) + head + body
 
     @classmethod
     def from_bytes(cls, data: bytes) -> FeatureState:
-        magic, head_len = _HEADER.unpack_from(data)
-        if magic != _STATE_MAGIC:
+        magic, head_len = STATE_HEADER.unpack_from(data)
+        if magic != STATE_MAGIC:
             raise ValueError("not a feature state (bad magic)")
-        header = orjson.loads(data[_HEADER.size : _HEADER.size + head_len])
-        body = np.frombuffer(data, dtype="<f4", offset=_HEADER.size + head_len).astype(np.float64)
+        header = orjson.loads(data[STATE_HEADER.size : STATE_HEADER.size + head_len])
+        offset = STATE_HEADER.size + head_len
+        body = np.frombuffer(data, dtype="<f4", offset=offset).astype(np.float64)
         h = len(HALF_LIVES_DAYS)
         cursor = 0
         mass = body[cursor : cursor + h].copy()
@@ -198,7 +199,9 @@ class FeatureState:
         )
 
 
-def _item_categories(event: Event, catalogs: Mapping[str, ItemCatalog]) -> tuple[str, ...]:
+def item_categories(event: Event, catalogs: Mapping[str, ItemCatalog]) -> tuple[str, ...]:
+    """The event's item categories: the first live catalogue's that knows the item, else the
+    ones the event carries."""
     for catalog in catalogs.values():
         row = catalog.index.get(event.item_id)
         if row is not None:
