@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import numpy as np
 import orjson
@@ -62,13 +63,12 @@ class NamedSums:
 
     def load(self, user: int, held: Mapping[str, Sequence[float] | float], flat: list) -> None:
         """Register a stored user's names; their values are appended to ``flat`` for
-        :meth:`freeze` to turn into one array."""
-        index = self.index[user]
-        for name, value in held.items():
-            index[name] = len(self.names)
-            self.names.append(name)
-            self.owner.append(user)
-            flat.append(value)
+        :meth:`freeze` to turn into one array. (C-level loops only: it runs for every user.)"""
+        start = len(self.names)
+        self.names.extend(held)
+        self.owner.extend(repeat(user, len(held)))
+        self.index[user] = dict(zip(held, range(start, len(self.names)), strict=True))
+        flat.extend(held.values())
 
     def freeze(self, flat: list) -> None:
         self.values = np.array(flat, dtype=np.float64).reshape(len(flat), self.width)
@@ -97,7 +97,8 @@ class NamedSums:
     def as_dicts(self, column: bool) -> list[dict]:
         """Per user, name -> value list (or a float when ``column``), in insertion order."""
         values = self.values[:, 0].tolist() if column else self.values.tolist()
-        return [{name: values[row] for name, row in index.items()} for index in self.index]
+        pick = values.__getitem__
+        return [dict(zip(index, map(pick, index.values()), strict=True)) for index in self.index]
 
 
 @dataclass

@@ -29,8 +29,8 @@ from typing import Any
 
 import redis
 
-from encoder_service.data.contract import ContractError, parse_event
-from encoder_service.events import fields_to_raw, stream_keys
+from encoder_service.data.contract import ContractError
+from encoder_service.events import parse_entries, stream_keys
 from encoder_service.refresher import metrics
 from encoder_service.refresher.commit import Batch, CommitResult, StreamEvent, commit_batch
 from encoder_service.refresher.deadletter import DeadLetter
@@ -318,6 +318,7 @@ class Refresher:
     ) -> Batch:
         batch = Batch()
         give_up = CRASH_FACTOR * self.config.max_deliveries
+        readable: list[tuple[str, str, dict[bytes, bytes], int]] = []
         for stream, entry_id, fields in entries:
             if not fields:
                 batch.acks.append((stream, entry_id))
@@ -327,14 +328,15 @@ class Refresher:
                 reason = f"delivered {count} times without a commit: its consumers kept dying"
                 batch.dead.append(DeadLetter(stream, entry_id, fields, reason, count))
                 continue
-            try:
-                event = parse_event(fields_to_raw(fields))
-            except ContractError as exc:
+            readable.append((stream, entry_id, fields, count))
+        parsed = parse_entries(fields for _, _, fields, _ in readable)
+        for (stream, entry_id, fields, count), event in zip(readable, parsed, strict=True):
+            if isinstance(event, ContractError):
                 batch.dead.append(
-                    DeadLetter(stream, entry_id, fields, exc.reason, count, field=exc.field)
+                    DeadLetter(stream, entry_id, fields, event.reason, count, field=event.field)
                 )
-                continue
-            batch.events.append(StreamEvent(stream, entry_id, event))
+            else:
+                batch.events.append(StreamEvent(stream, entry_id, event))
         return batch
 
     def _commit_per_user(
