@@ -5,7 +5,8 @@ per batch that way spends most of its time in per-user Python (dict lookups, sma
 allocations, JSON per state). ``StateBatch`` holds the same aggregates for ``n`` users as
 ``[n, ...]`` arrays and name-keyed sums as rows of one array, and
 
-* reads and writes the stored ``FS1`` bytes of ``FeatureState`` unchanged (byte for byte);
+* reads and writes the stored bytes of ``FeatureState`` (byte for byte the same), decoding the
+  numbers of all users' ``FS2`` states in one ``np.frombuffer`` rather than per user;
 * applies events in *rounds*: round ``r`` folds in the ``r``-th event of every user at once,
   with exactly the floating-point operations ``FeatureState.apply`` performs for that user, in
   the same order, so the result is bit-identical to applying the events one by one (the tests
@@ -18,7 +19,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
 
 import numpy as np
 import orjson
@@ -32,6 +32,7 @@ from encoder_service.features.schema import (
     UNKNOWN,
 )
 from encoder_service.features.state import (
+    LEGACY_STATE_MAGIC,
     SECONDS_PER_DAY,
     STATE_HEADER,
     STATE_MAGIC,
@@ -47,43 +48,49 @@ _JSON = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
 
 
 class NamedSums:
-    """Name-keyed decayed sums of many users: row ``r`` of :attr:`values` belongs to user
-    ``owner[r]`` under ``names[r]``. A user's rows are in the order its names were first seen,
-    the order of the dict it stands for, so everything summing over names adds in that order."""
+    """Name-keyed decayed sums of many users: row ``r`` of :attr:`values` is user
+    ``owners()[r]``'s sum under ``names[r]``.
+
+    Stored names are loaded user after user, so a user's loaded rows are one contiguous range;
+    names a user gets later are appended at the end. Either way a user's rows, in row order, are
+    in the order its names were first seen, the order of the dict they stand for, so everything
+    summing over names adds in that order.
+    """
 
     def __init__(self, n_users: int, width: int) -> None:
         self.width = width
-        self.index: list[dict[str, int]] = [{} for _ in range(n_users)]
         self.names: list[str] = []
-        self.owner: list[int] = []
+        self.start = [0] * n_users
+        self.stop = [0] * n_users
+        self.added: dict[int, dict[str, int]] = {}
+        """Per user, rows appended after loading: name -> row."""
+        self.added_owner: list[int] = []
         self.values = np.zeros((0, width))
 
     def __len__(self) -> int:
         return len(self.names)
 
-    def load(self, user: int, held: Mapping[str, Sequence[float] | float], flat: list) -> None:
-        """Register a stored user's names; their values are appended to ``flat`` for
-        :meth:`freeze` to turn into one array. (C-level loops only: it runs for every user.)"""
-        start = len(self.names)
-        self.names.extend(held)
-        self.owner.extend(repeat(user, len(held)))
-        self.index[user] = dict(zip(held, range(start, len(self.names)), strict=True))
-        flat.extend(held.values())
-
-    def freeze(self, flat: list) -> None:
-        self.values = np.array(flat, dtype=np.float64).reshape(len(flat), self.width)
+    def load(self, user: int, names: list[str]) -> None:
+        """Register a stored user's names; users must be loaded in increasing order."""
+        self.start[user] = len(self.names)
+        self.names.extend(names)
+        self.stop[user] = len(self.names)
 
     def rows(self, users: Sequence[int], names: Sequence[str]) -> np.ndarray:
         """The row of each ``(user, name)``, new zero rows for names the user lacks."""
         rows = np.empty(len(users), dtype=np.intp)
         start = len(self.names)
         for k, (user, name) in enumerate(zip(users, names, strict=True)):
-            index = self.index[user]
-            row = index.get(name)
+            added = self.added.get(user)
+            row = added.get(name) if added else None
             if row is None:
-                row = index[name] = len(self.names)
-                self.names.append(name)
-                self.owner.append(user)
+                try:
+                    row = self.names.index(name, self.start[user], self.stop[user])
+                except ValueError:
+                    row = len(self.names)
+                    self.names.append(name)
+                    self.added_owner.append(user)
+                    self.added.setdefault(user, {})[name] = row
             rows[k] = row
         if len(self.names) > start:
             grown = np.zeros((len(self.names), self.width))
@@ -92,13 +99,48 @@ class NamedSums:
         return rows
 
     def owners(self) -> np.ndarray:
-        return np.asarray(self.owner, dtype=np.intp)
+        loaded = np.asarray(self.stop, dtype=np.intp) - np.asarray(self.start, dtype=np.intp)
+        owners = np.repeat(np.arange(len(self.start), dtype=np.intp), loaded)
+        return np.concatenate([owners, np.asarray(self.added_owner, dtype=np.intp)])
 
-    def as_dicts(self, column: bool) -> list[dict]:
-        """Per user, name -> value list (or a float when ``column``), in insertion order."""
-        values = self.values[:, 0].tolist() if column else self.values.tolist()
-        pick = values.__getitem__
-        return [dict(zip(index, map(pick, index.values()), strict=True)) for index in self.index]
+    def grouped(self) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ordered user by user (each user's in name order) and the count per user."""
+        owners = self.owners()
+        if not self.added_owner:
+            order = np.arange(len(owners), dtype=np.intp)
+        else:
+            order = np.argsort(owners, kind="stable")
+        return order, np.bincount(owners, minlength=len(self.start))
+
+    def of(self, user: int) -> list[int]:
+        """User ``user``'s rows in name order."""
+        return [*range(self.start[user], self.stop[user]), *self.added.get(user, {}).values()]
+
+
+def _exact_positions(
+    cats: np.ndarray, types: np.ndarray, contexts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Where each number sits in the concatenated float64 sections of ``FS2`` states, given each
+    user's number of categories, event types and contexts: ``(section starts and ends [n+1],
+    scalar positions [n, 4], category positions [rows, H], event type and context positions)``,
+    rows user by user in name order."""
+    lengths = 4 + cats * _H + types + contexts
+    bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.intp)
+    starts = bounds[:-1]
+    scalars = starts[:, None] + np.arange(4)
+
+    def ranks(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        owners = np.repeat(np.arange(len(counts)), counts)
+        first = np.cumsum(counts) - counts
+        return owners, np.arange(len(owners)) - first[owners]
+
+    owner, rank = ranks(cats)
+    cat_pos = (starts[owner] + 4 + rank * _H)[:, None] + np.arange(_H)
+    owner, rank = ranks(types)
+    type_pos = starts[owner] + 4 + cats[owner] * _H + rank
+    owner, rank = ranks(contexts)
+    context_pos = starts[owner] + 4 + cats[owner] * _H + types[owner] + rank
+    return bounds, scalars, cat_pos, type_pos, context_pos
 
 
 @dataclass
@@ -146,8 +188,7 @@ class StateBatch:
         """A batch holding copies of ``states`` (full float64 precision)."""
         batch = cls.empty(len(states))
         cats: list = []
-        types: list = []
-        contexts: list = []
+        labels: tuple[list, list] = ([], [])
         for u, state in enumerate(states):
             batch.t_first[u] = state.t_first
             batch.t_last[u] = state.t_last
@@ -156,70 +197,92 @@ class StateBatch:
             batch.weight_sq_sum[u] = state.weight_sq_sum
             batch.mass[u] = state.mass
             batch.heatmap[u] = state.heatmap
-            batch.categories.load(u, state.categories, cats)
-            batch.event_types.load(u, state.event_types, types)
-            batch.contexts.load(u, state.contexts, contexts)
+            batch.categories.load(u, list(state.categories))
+            cats.extend(state.categories.values())
+            for sums, held, flat in (
+                (batch.event_types, state.event_types, labels[0]),
+                (batch.contexts, state.contexts, labels[1]),
+            ):
+                sums.load(u, list(held))
+                flat.extend(held.values())
             batch.profiles[u] = dict(state.profile)
-            for cid, sums in state.item_sums.items():
-                batch._item_slot(cid, sums.shape[1])[u] = sums
+            for cid, item_sums in state.item_sums.items():
+                batch._item_slot(cid, item_sums.shape[1])[u] = item_sums
                 batch.item_present[cid][u] = True
-        batch.categories.freeze(cats)
-        batch.event_types.freeze(types)
-        batch.contexts.freeze(contexts)
+        batch.categories.values = np.array(cats, dtype=np.float64).reshape(len(cats), _H)
+        batch.event_types.values = np.array(labels[0], dtype=np.float64).reshape(-1, 1)
+        batch.contexts.values = np.array(labels[1], dtype=np.float64).reshape(-1, 1)
         return batch
 
     @classmethod
     def from_bytes(cls, blobs: Sequence[bytes | None]) -> StateBatch:
         """Decode stored states (``FeatureState.to_bytes``); ``None`` is a user without one.
 
+        ``FS2`` states are decoded with one JSON parse of their names each and a few numpy calls
+        for the batch; a batch holding an ``FS1`` state goes through ``FeatureState``.
+
         Raises:
             ValueError: a blob is not a feature state, or is truncated.
         """
+        if any(b is not None and b[:3] == LEGACY_STATE_MAGIC for b in blobs):
+            return cls.from_states(
+                [FeatureState.from_bytes(b) if b is not None else FeatureState() for b in blobs]
+            )
         batch = cls.empty(len(blobs))
-        cats: list = []
-        types: list = []
-        contexts: list = []
+        present: list[int] = []
+        counts: list[int] = []
+        shape: list[tuple[int, int, int]] = []
+        exact: list[bytes] = []
         layouts: dict[tuple, list[tuple[int, bytes]]] = {}
-        scalars: list[tuple[int, float, float, int, float, float]] = []
         for u, data in enumerate(blobs):
             if data is None:
+                batch.categories.load(u, [])
+                batch.event_types.load(u, [])
+                batch.contexts.load(u, [])
                 continue
             magic, head_len = STATE_HEADER.unpack_from(data)
             if magic != STATE_MAGIC:
                 raise ValueError("not a feature state (bad magic)")
             start = STATE_HEADER.size + head_len
             header = orjson.loads(data[STATE_HEADER.size : start])
-            t0, t1 = header["t0"], header["t1"]
-            scalars.append(
-                (
-                    u,
-                    math.inf if t0 is None else t0,
-                    -math.inf if t1 is None else t1,
-                    header["n"],
-                    header["ws"],
-                    header["wq"],
-                )
-            )
-            batch.categories.load(u, header["cat"], cats)
-            batch.event_types.load(u, header["et"], types)
-            batch.contexts.load(u, header["cx"], contexts)
+            cats, types, contexts = header["cat"], header["et"], header["cx"]
+            batch.categories.load(u, cats)
+            batch.event_types.load(u, types)
+            batch.contexts.load(u, contexts)
             batch.profiles[u] = header["p"]
+            end = start + 8 * (4 + len(cats) * _H + len(types) + len(contexts))
+            present.append(u)
+            counts.append(header["n"])
+            shape.append((len(cats), len(types), len(contexts)))
+            exact.append(data[start:end])
             layout = tuple((cid, int(dim)) for cid, dim in header["it"])
-            layouts.setdefault(layout, []).append((u, data[start:]))
-        batch.categories.freeze(cats)
-        batch.event_types.freeze(types)
-        batch.contexts.freeze(contexts)
-        if scalars:
-            users, t0s, t1s, counts, ws, wq = zip(*scalars, strict=True)
-            index = np.asarray(users, dtype=np.intp)
-            batch.t_first[index] = t0s
-            batch.t_last[index] = t1s
-            batch.count[index] = counts
-            batch.weight_sum[index] = ws
-            batch.weight_sq_sum[index] = wq
+            layouts.setdefault(layout, []).append((u, data[end:]))
+        if present:
+            batch._load_exact(present, counts, shape, exact)
         for layout, bodies in layouts.items():
             batch._load_bodies(layout, bodies)
         return batch
+
+    def _load_exact(
+        self, users: list[int], counts: list[int], shape: list, sections: list[bytes]
+    ) -> None:
+        """The float64 sections of the users' ``FS2`` states, decoded in one call."""
+        sizes = np.asarray(shape, dtype=np.intp).reshape(len(users), 3)
+        bounds, scalars, cat_pos, type_pos, context_pos = _exact_positions(*sizes.T)
+        if [len(s) for s in sections] != (8 * np.diff(bounds)).tolist():
+            raise ValueError("feature state is truncated or has trailing bytes")
+        flat = np.frombuffer(b"".join(sections), dtype="<f8").astype(np.float64)
+        index = np.asarray(users, dtype=np.intp)
+        self.count[index] = counts
+        (
+            self.t_first[index],
+            self.t_last[index],
+            self.weight_sum[index],
+            self.weight_sq_sum[index],
+        ) = flat[scalars].T
+        self.categories.values = flat[cat_pos]
+        self.event_types.values = flat[type_pos][:, None]
+        self.contexts.values = flat[context_pos][:, None]
 
     def _load_bodies(self, layout: tuple[tuple[str, int], ...], bodies: list) -> None:
         """The float32 bodies of users sharing one item-sum layout, decoded in one call."""
@@ -252,28 +315,40 @@ class StateBatch:
     def to_bytes(self) -> list[bytes]:
         """Each user's state exactly as ``FeatureState.to_bytes`` writes it."""
         n = len(self)
-        cats = self.categories.as_dicts(column=False)
-        types = self.event_types.as_dicts(column=True)
-        contexts = self.contexts.as_dicts(column=True)
+        grouped = [s.grouped() for s in (self.categories, self.event_types, self.contexts)]
+        (cat_rows, n_cat), (type_rows, n_type), (context_rows, n_context) = grouped
+        bounds, scalars, cat_pos, type_pos, context_pos = _exact_positions(n_cat, n_type, n_context)
+        flat = np.empty(bounds[-1], dtype="<f8")
+        flat[scalars] = np.stack(
+            [self.t_first, self.t_last, self.weight_sum, self.weight_sq_sum], axis=1
+        )
+        flat[cat_pos] = self.categories.values[cat_rows]
+        flat[type_pos] = self.event_types.values[type_rows, 0]
+        flat[context_pos] = self.contexts.values[context_rows, 0]
+        exact = flat.tobytes()
+        offsets = (8 * bounds).tolist()
+        names = [
+            [sums.names[r] for r in rows.tolist()]
+            for sums, rows in (
+                (self.categories, cat_rows),
+                (self.event_types, type_rows),
+                (self.contexts, context_rows),
+            )
+        ]
+        cuts = [np.concatenate([[0], np.cumsum(c)]).tolist() for c in (n_cat, n_type, n_context)]
         counts = self.count.tolist()
-        t0s, t1s = self.t_first.tolist(), self.t_last.tolist()
-        ws, wq = self.weight_sum.tolist(), self.weight_sq_sum.tolist()
-        heads: list[bytes] = []
-        layouts: dict[tuple[str, ...], list[int]] = {}
         cids = sorted(self.item_sums)
         present = [self.item_present[cid].tolist() for cid in cids]
+        layouts: dict[tuple[str, ...], list[int]] = {}
+        heads: list[bytes] = []
         for u in range(n):
             held = tuple(cid for cid, mask in zip(cids, present, strict=True) if mask[u])
             layouts.setdefault(held, []).append(u)
             header = {
-                "t0": t0s[u] if counts[u] else None,
-                "t1": t1s[u] if counts[u] else None,
                 "n": counts[u],
-                "ws": ws[u],
-                "wq": wq[u],
-                "cat": cats[u],
-                "et": types[u],
-                "cx": contexts[u],
+                "cat": names[0][cuts[0][u] : cuts[0][u + 1]],
+                "et": names[1][cuts[1][u] : cuts[1][u + 1]],
+                "cx": names[2][cuts[2][u] : cuts[2][u + 1]],
                 "p": self.profiles[u],
                 "it": [[cid, int(self.item_sums[cid].shape[2])] for cid in held],
             }
@@ -286,15 +361,16 @@ class StateBatch:
             matrix = np.concatenate(parts, axis=1).astype("<f4")
             for row, u in enumerate(users):
                 bodies[u] = matrix[row].tobytes()
+        pack = STATE_HEADER.pack
         return [
-            STATE_HEADER.pack(STATE_MAGIC, len(head)) + head + body
-            for head, body in zip(heads, bodies, strict=True)
+            b"".join((pack(STATE_MAGIC, len(head)), head, exact[a:b], body))
+            for head, a, b, body in zip(heads, offsets[:-1], offsets[1:], bodies, strict=True)
         ]
 
     def state(self, u: int) -> FeatureState:
         """User ``u`` as a ``FeatureState`` (a copy)."""
         cids = [cid for cid in sorted(self.item_sums) if self.item_present[cid][u]]
-        rows = self.categories.index[u]
+        cats, types, contexts = self.categories, self.event_types, self.contexts
         return FeatureState(
             t_first=float(self.t_first[u]),
             t_last=float(self.t_last[u]),
@@ -302,10 +378,10 @@ class StateBatch:
             weight_sum=float(self.weight_sum[u]),
             weight_sq_sum=float(self.weight_sq_sum[u]),
             mass=self.mass[u].copy(),
-            categories={name: self.categories.values[row].copy() for name, row in rows.items()},
+            categories={cats.names[r]: cats.values[r].copy() for r in cats.of(u)},
             heatmap=self.heatmap[u].copy(),
-            event_types=self.event_types.as_dicts(column=True)[u],
-            contexts=self.contexts.as_dicts(column=True)[u],
+            event_types={types.names[r]: float(types.values[r, 0]) for r in types.of(u)},
+            contexts={contexts.names[r]: float(contexts.values[r, 0]) for r in contexts.of(u)},
             item_sums={cid: self.item_sums[cid][u].copy() for cid in cids},
             profile=dict(self.profiles[u]),
         )

@@ -50,6 +50,9 @@ from encoder_service.store import (
 )
 
 MAX_CONFLICT_RETRIES = 10
+SLACK = 256
+"""Pending entries listed beyond the batch's own in the first XPENDING; more are listed in a
+second call only when the PEL holds more."""
 
 
 class CommitConflictError(RuntimeError):
@@ -193,9 +196,10 @@ def _older_pending(client: redis.Redis, group: str, batch: Batch) -> list[Stream
     """Entries pending outside ``batch``, on its streams, of its users, older than their newest
     entry in it (rule 3).
 
-    In the steady state the only pending entries are the batch's own, so this costs two
-    XPENDING round trips. Entries trimmed from the stream, or breaking the contract, are left to
-    whoever holds them: they change no state.
+    In the steady state the only pending entries are the batch's own, so this costs one
+    round trip (the PEL summary and its first entries up to the batch's newest, pipelined).
+    Entries trimmed from the stream, or breaking the contract, are left to whoever holds them:
+    they change no state.
     """
     ids = batch.entry_ids()
     newest: dict[tuple[str, str], tuple[int, int]] = {}
@@ -206,14 +210,20 @@ def _older_pending(client: redis.Redis, group: str, batch: Batch) -> list[Stream
     if not streams:
         return []
     pipe = client.pipeline(transaction=False)
+    newest_id = {stream: max(ids[stream], key=parse_id) for stream in streams}
     for stream in streams:
         pipe.xpending(stream, group)
-    totals = [int(summary["pending"]) for summary in pipe.execute()]
-    for stream, total in zip(streams, totals, strict=True):
-        pipe.xpending_range(stream, group, "-", max(ids[stream], key=parse_id), max(total, 1))
+        pipe.xpending_range(stream, group, "-", newest_id[stream], len(ids[stream]) + SLACK)
+    replies = pipe.execute()
+    listed: dict[str, list] = {}
+    for k, stream in enumerate(streams):
+        total, rows = int(replies[2 * k]["pending"]), replies[2 * k + 1]
+        if len(rows) == len(ids[stream]) + SLACK and total > len(rows):  # more than fit
+            rows = client.xpending_range(stream, group, "-", newest_id[stream], total)
+        listed[stream] = rows
     others = [
         (stream, row["message_id"].decode())
-        for stream, rows in zip(streams, pipe.execute(), strict=True)
+        for stream, rows in listed.items()
         for row in rows
         if row["message_id"].decode() not in ids[stream]
     ]
@@ -246,8 +256,6 @@ def _plan(
     plan = _Plan([], StateBatch.empty(0), [], [])
     if not users:
         return plan
-    states = cast(list[bytes | None], pipe.mget([state_key(u) for u in users]))
-    metas = cast(list[bytes | None], pipe.mget([meta_key(u) for u in users]))
     keyed = list(
         dict.fromkeys(
             (e.event.user_id, e.event.idempotency_key)
@@ -255,7 +263,10 @@ def _plan(
             if e.event.idempotency_key is not None
         )
     )
-    used = pipe.mget([idempotency_key(u, k) for u, k in keyed]) if keyed else []
+    keys = [state_key(u) for u in users] + [meta_key(u) for u in users]
+    values = cast(list[bytes | None], pipe.mget(keys + [idempotency_key(u, k) for u, k in keyed]))
+    n = len(users)
+    states, metas, used = values[:n], values[n : 2 * n], values[2 * n :]
     seen = {pair for pair, raw in zip(keyed, used, strict=True) if raw is not None}
     stored = dict(zip(users, states, strict=True))
     last_ids = {u: decode_meta(m)[1] for u, m in zip(users, metas, strict=True)}

@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import orjson
 import pytest
 
 from encoder_service.data.contract import Event
 from encoder_service.features.batch import StateBatch
 from encoder_service.features.build import build_catalog, fit_schema
 from encoder_service.features.catalog import ItemCatalog
-from encoder_service.features.state import FeatureState
+from encoder_service.features.state import LEGACY_STATE_MAGIC, STATE_HEADER, FeatureState
 from encoder_service.features.vectorize import Vectorizer
 from tests.features.test_state import DAY, _dataset, _replay
 
@@ -148,3 +149,36 @@ def test_corrupt_state_bytes_are_refused(world) -> None:
         StateBatch.from_bytes([states[1].to_bytes(), blob[:-4]])
     with pytest.raises(ValueError, match="magic"):
         StateBatch.from_bytes([b"XX" + blob[2:]])
+
+
+def _legacy_bytes(state: FeatureState) -> bytes:
+    """A state as ``FS1`` wrote it before ``FS2``: names and float64 numbers as JSON text."""
+    item_ids = sorted(state.item_sums)
+    header = {
+        "t0": state.t_first if state.count else None,
+        "t1": state.t_last if state.count else None,
+        "n": state.count,
+        "ws": state.weight_sum,
+        "wq": state.weight_sq_sum,
+        "cat": {k: v.tolist() for k, v in state.categories.items()},
+        "et": state.event_types,
+        "cx": state.contexts,
+        "p": state.profile,
+        "it": [[cid, int(state.item_sums[cid].shape[1])] for cid in item_ids],
+    }
+    head = orjson.dumps(header, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+    arrays = [state.mass, state.heatmap, *(state.item_sums[cid].ravel() for cid in item_ids)]
+    body = np.concatenate(arrays).astype("<f4").tobytes()
+    return STATE_HEADER.pack(LEGACY_STATE_MAGIC, len(head)) + head + body
+
+
+def test_states_stored_before_fs2_read_the_same_and_are_rewritten_as_fs2(world) -> None:
+    _, _, states = world
+    current = [s.to_bytes() for s in states]
+    legacy = [_legacy_bytes(s) for s in states]
+    assert all(b[:3] == b"FS2" for b in current) and all(b[:3] == b"FS1" for b in legacy)
+    for old, new in zip(legacy, current, strict=True):
+        _assert_identical(FeatureState.from_bytes(old), FeatureState.from_bytes(new))
+    mixed = StateBatch.from_bytes([legacy[0], *current[1:], None])
+    assert mixed.to_bytes()[:-1] == [FeatureState.from_bytes(b).to_bytes() for b in current]
+    assert StateBatch.from_bytes(legacy).to_bytes() == current
