@@ -183,7 +183,8 @@ def _refresher(
     }
     command = [sys.executable, "-m", "encoder_service.refresher.cli", "refresh"]
     command += ["--metrics-port", str(ports[0]), "--consumer", "bench"]
-    command += ["--processes", str(len(ports))]
+    if len(ports) > 1:
+        command += ["--processes", str(len(ports))]
     with open(log, "wb") as out:
         process = subprocess.Popen(
             command,
@@ -387,20 +388,41 @@ def _drained(client: Any, shards: int) -> bool:
     return True
 
 
+def _cpu_seconds(group: int) -> float:
+    """User + system CPU seconds of the processes in process group ``group`` (Linux /proc).
+
+    The machine may be shared, so wall-clock rates move with the neighbours; the refresher's
+    own CPU time per event moves much less and says what one core sustains."""
+    ticks = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group:  # after the name: state ppid pgrp ... utime(11) stime(12)
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _max_throughput(
     client: Any, process: subprocess.Popen, workload: Workload, backlog: int, shards: int
-) -> float:
-    """Events per second the refresher processes drain from a backlog."""
+) -> tuple[float, float]:
+    """Events per second the refresher processes drain from a backlog, and their CPU
+    microseconds per event."""
     os.killpg(process.pid, signal.SIGSTOP)
     for start in range(0, backlog, 1000):
         append_events(
             client, workload.events(min(1000, backlog - start)), shards=shards, maxlen=10**7
         )
+    cpu = _cpu_seconds(process.pid)
     started = time.monotonic()
     os.killpg(process.pid, signal.SIGCONT)
     while not _drained(client, shards):
         time.sleep(0.01)
-    return backlog / (time.monotonic() - started)
+    rate = backlog / (time.monotonic() - started)
+    return rate, (_cpu_seconds(process.pid) - cpu) / backlog * 1e6
 
 
 def _profile(client: Any, workload: Workload, backlog: int, args: Any) -> tuple[float, str]:
@@ -525,7 +547,7 @@ def main() -> None:
                     )
                 )
                 print(table[-1][0], table[-1][1], flush=True)
-            rate = _max_throughput(client, process, workload, args.backlog, args.shards)
+            rate, cpu_us = _max_throughput(client, process, workload, args.backlog, args.shards)
             figures.add(
                 "max_sustained_rate",
                 rate,
@@ -533,10 +555,12 @@ def main() -> None:
                 f">= {TARGET_SUSTAINED:,.0f}/s",
                 rate >= TARGET_SUSTAINED,
             )
+            figures.add("refresher_cpu_per_event", cpu_us, "us")
             table.append(
                 (
                     f"backlog of {args.backlog:,} (batch {args.batch_max_events})",
-                    f"{rate:,.0f} events/s drained",
+                    f"{rate:,.0f} events/s drained, refresher CPU {cpu_us:.0f} us/event "
+                    f"({1e6 / cpu_us:,.0f}/s per core)",
                 )
             )
         if args.profile:
