@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,37 +139,66 @@ class Refresher:
 
     # --- the loop --------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        """Refresh until ``stop`` is set; Redis outages are waited out, never fatal."""
+        """Refresh until ``stop`` is set; Redis outages are waited out, never fatal.
+
+        While a batch commits, the next one is already being read on a second thread, so the
+        time Redis takes to gather it overlaps this process's work. The read-ahead entries are
+        delivered to this consumer like any others: pending until committed, processed before
+        the loop returns, and taken up from the pending list after an error or a crash.
+        """
         resume_own = True
         next_claim = next_gauges = 0.0
-        while not stop.is_set():
-            try:
-                self.versions.maybe_reload()
-                metrics.LIVE_VERSIONS.set(len(self.versions.encoders))
-                if not self.versions.encoders:
+        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refresh-read-ahead")
+        ahead: Future[list[Entry]] | None = None
+        try:
+            while not stop.is_set():
+                try:
+                    self.versions.maybe_reload()
+                    metrics.LIVE_VERSIONS.set(len(self.versions.encoders))
+                    if not self.versions.encoders:
+                        stop.wait(RETRY_WAIT_S)
+                        continue
+                    if resume_own:
+                        self.ensure_groups()
+                        self.drain_own_pending()
+                        resume_own = False
+                    now = time.monotonic()
+                    if now >= next_claim:
+                        self.claim()
+                        next_claim = now + self.config.claim_idle_ms / 2000
+                    if now >= next_gauges:
+                        metrics.observe_group(self.client, self.config.group, self.config.streams)
+                        next_gauges = now + GAUGE_INTERVAL_S
+                    entries = ahead.result() if ahead is not None else self.read_new(stop)
+                    ahead = None
+                    if entries:
+                        ahead = reader.submit(self.read_new, stop)
+                        self.process(entries)
+                except redis.RedisError as exc:
+                    # Unreachable, failing over, out of memory, a stream deleted: wait it out.
+                    # The batch in flight (and any read ahead) is still pending under this
+                    # consumer, so take that up first.
+                    if ahead is not None:
+                        wait([ahead])
+                        ahead = None
+                    metrics.FAILURES.labels(type(exc).__name__).inc()
+                    log.warning("Redis error (%s); retrying in %.0fs", exc, RETRY_WAIT_S)
+                    resume_own = True
                     stop.wait(RETRY_WAIT_S)
-                    continue
-                if resume_own:
-                    self.ensure_groups()
-                    self.drain_own_pending()
-                    resume_own = False
-                now = time.monotonic()
-                if now >= next_claim:
-                    self.claim()
-                    next_claim = now + self.config.claim_idle_ms / 2000
-                if now >= next_gauges:
-                    metrics.observe_group(self.client, self.config.group, self.config.streams)
-                    next_gauges = now + GAUGE_INTERVAL_S
-                entries = self.read_new(stop)
-                if entries:
-                    self.process(entries)
-            except redis.RedisError as exc:
-                # Unreachable, failing over, out of memory, a stream deleted: wait it out. The
-                # batch in flight is still pending under this consumer, so take that up first.
-                metrics.FAILURES.labels(type(exc).__name__).inc()
-                log.warning("Redis error (%s); retrying in %.0fs", exc, RETRY_WAIT_S)
-                resume_own = True
-                stop.wait(RETRY_WAIT_S)
+        finally:
+            self._finish_read_ahead(ahead)
+            reader.shutdown(wait=True)
+
+    def _finish_read_ahead(self, ahead: Future[list[Entry]] | None) -> None:
+        """On the way out, commit what was read ahead rather than leave it to a restart."""
+        if ahead is None:
+            return
+        try:
+            entries = ahead.result()
+            if entries:
+                self.process(entries)
+        except redis.RedisError as exc:
+            log.warning("read-ahead batch left pending (%s)", exc)
 
     def read_new(self, stop: threading.Event | None = None) -> list[Entry]:
         """Block for new entries, then gather more until the batch is full or its time is up."""
