@@ -16,9 +16,10 @@ deployed. Then:
    Latency runs from just before the append to that response, on one clock. Sustained events/s
    is the refresher's own ``applied`` counter over the window; a rate it cannot hold shows as a
    growing backlog and latency, and the run drains before the next rate.
-2. **Sustained throughput.** The refresher is paused (SIGSTOP), ``--backlog`` events are
-   appended, and it is resumed: events drained per second is what one process sustains with
-   full batches (``--batch-max-events``, default 512).
+2. **Sustained throughput.** The refresher is paused (SIGSTOP to its process group), ``--backlog``
+   events are appended, and it is resumed: events drained per second is what its processes
+   sustain with full batches (``--batch-max-events``, default 512), and their CPU time per
+   event (from ``/proc``) is what one core sustains whatever else shares the machine.
 3. ``--profile`` then drains another backlog in this process under cProfile and prints where a
    batch's time goes.
 
