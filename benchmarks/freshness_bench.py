@@ -2,8 +2,9 @@
 
 One machine, loopback only. It starts its own Valkey (or uses ``--redis-url``, whose database
 must be empty), trains a tiny version on ``--users`` synthetic users and publishes it with their
-feature states, then runs ONE refresher process and the API (``encoder-service serve``, auth off)
-as their own processes, exactly as deployed. Then:
+feature states, then runs the refresher (one process, or ``--processes N`` pinned to their own
+shards) and the API (``encoder-service serve``, auth off) as their own processes, exactly as
+deployed. Then:
 
 1. **Freshness under load.** For each ``--rates`` value a producer appends events at that rate
    for ``--seconds`` (users drawn from the published ones, 2% brand-new users with a profile).
@@ -15,9 +16,10 @@ as their own processes, exactly as deployed. Then:
    Latency runs from just before the append to that response, on one clock. Sustained events/s
    is the refresher's own ``applied`` counter over the window; a rate it cannot hold shows as a
    growing backlog and latency, and the run drains before the next rate.
-2. **Sustained throughput.** The refresher is paused (SIGSTOP), ``--backlog`` events are
-   appended, and it is resumed: events drained per second is what one process sustains with
-   full batches (``--batch-max-events``, default 512).
+2. **Sustained throughput.** The refresher is paused (SIGSTOP to its process group), ``--backlog``
+   events are appended, and it is resumed: events drained per second is what its processes
+   sustain with full batches (``--batch-max-events``, default 512), and their CPU time per
+   event (from ``/proc``) is what one core sustains whatever else shares the machine.
 3. ``--profile`` then drains another backlog in this process under cProfile and prints where a
    batch's time goes.
 
@@ -112,6 +114,22 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _free_ports(n: int) -> list[int]:
+    """``n`` consecutive free ports (``refresh --processes n`` serves metrics on port + k)."""
+    for _ in range(100):
+        first = _free_port()
+        ports = list(range(first, first + n))
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in ports:
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind((HOST, port))
+            except OSError:
+                continue
+        return ports
+    raise RuntimeError(f"found no {n} consecutive free ports")
+
+
 @contextlib.contextmanager
 def _redis(url: str | None) -> Iterator[str]:
     if url:
@@ -153,8 +171,10 @@ def _publish(client: Any, users: int, epochs: int, folder: Path) -> tuple[list[s
 
 @contextlib.contextmanager
 def _refresher(
-    url: str, port: int, shards: int, batch: int, wait_ms: int, log: Path
+    url: str, ports: list[int], shards: int, batch: int, wait_ms: int, log: Path
 ) -> Iterator[subprocess.Popen]:
+    """``refresh --processes len(ports)`` in its own process group (so SIGSTOP pauses all of
+    its processes); process k serves its metrics on ``ports[k]``, consecutive ports."""
     env = {
         **os.environ,
         "ENCODER_REDIS_URL": url,
@@ -163,29 +183,35 @@ def _refresher(
         "ENCODER_BATCH_MAX_WAIT_MS": str(wait_ms),
     }
     command = [sys.executable, "-m", "encoder_service.refresher.cli", "refresh"]
+    command += ["--metrics-port", str(ports[0]), "--consumer", "bench"]
+    if len(ports) > 1:
+        command += ["--processes", str(len(ports))]
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [*command, "--metrics-port", str(port), "--consumer", "bench"],
+            command,
             cwd=REPO,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            ready = f"http://{HOST}:{port}/readyz"
+        waiting = list(ports)
+        while waiting:
+            ready = f"http://{HOST}:{waiting[0]}/readyz"
             with contextlib.suppress(OSError), urllib.request.urlopen(ready, timeout=2) as r:
                 if r.status == 200:
-                    break
+                    waiting.pop(0)
+                    continue
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the refresher did not become ready:\n{log.read_text()}")
             time.sleep(0.1)
         yield process
     finally:
-        process.send_signal(signal.SIGCONT)
+        os.killpg(process.pid, signal.SIGCONT)
         process.terminate()
-        process.wait(timeout=30)
+        process.wait(timeout=60)
 
 
 @contextlib.contextmanager
@@ -274,7 +300,7 @@ class LoadResult:
 
 
 def _steady_load(
-    client: Any, workload: Workload, reader_port: int, metrics_port: int, rate: int, args: Any
+    client: Any, workload: Workload, reader_port: int, metrics: list[int], rate: int, args: Any
 ) -> LoadResult:
     """Append at ``rate`` for ``args.seconds`` with one probe event per tick; wait for the probes
     (and the backlog) to settle."""
@@ -308,7 +334,7 @@ def _steady_load(
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
-    applied_before = _applied(metrics_port)
+    applied_before = _applied(metrics)
     appended = 0
     owed = 0.0
     start = time.monotonic()
@@ -335,7 +361,7 @@ def _steady_load(
         next_tick += TICK_S
         time.sleep(max(0.0, next_tick - time.monotonic()))
     seconds = time.monotonic() - start
-    applied = (_applied(metrics_port) - applied_before) / seconds
+    applied = (_applied(metrics) - applied_before) / seconds
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     while (outstanding or not _drained(client, args.shards)) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -344,16 +370,18 @@ def _steady_load(
     return LoadResult(np.asarray(latencies) * 1000, appended, seconds, applied, len(outstanding))
 
 
-def _applied(port: int) -> float:
-    """The refresher's ``encoder_refresh_events_total{outcome="applied"}``."""
-    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        if family.name == "encoder_refresh_events":
-            for s in family.samples:
-                if s.name.endswith("_total") and s.labels.get("outcome") == "applied":
-                    return s.value
-    return 0.0
+def _applied(ports: list[int]) -> float:
+    """The refreshers' ``encoder_refresh_events_total{outcome="applied"}``, summed."""
+    total = 0.0
+    for port in ports:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            if family.name == "encoder_refresh_events":
+                for s in family.samples:
+                    if s.name.endswith("_total") and s.labels.get("outcome") == "applied":
+                        total += s.value
+    return total
 
 
 def _drained(client: Any, shards: int) -> bool:
@@ -364,20 +392,41 @@ def _drained(client: Any, shards: int) -> bool:
     return True
 
 
+def _cpu_seconds(group: int) -> float:
+    """User + system CPU seconds of the processes in process group ``group`` (Linux /proc).
+
+    The machine may be shared, so wall-clock rates move with the neighbours; the refresher's
+    own CPU time per event moves much less and says what one core sustains."""
+    ticks = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group:  # after the name: state ppid pgrp ... utime(11) stime(12)
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _max_throughput(
     client: Any, process: subprocess.Popen, workload: Workload, backlog: int, shards: int
-) -> float:
-    """Events per second one refresher process drains from a backlog."""
-    process.send_signal(signal.SIGSTOP)
+) -> tuple[float, float]:
+    """Events per second the refresher processes drain from a backlog, and their CPU
+    microseconds per event."""
+    os.killpg(process.pid, signal.SIGSTOP)
     for start in range(0, backlog, 1000):
         append_events(
             client, workload.events(min(1000, backlog - start)), shards=shards, maxlen=10**7
         )
+    cpu = _cpu_seconds(process.pid)
     started = time.monotonic()
-    process.send_signal(signal.SIGCONT)
+    os.killpg(process.pid, signal.SIGCONT)
     while not _drained(client, shards):
         time.sleep(0.01)
-    return backlog / (time.monotonic() - started)
+    rate = backlog / (time.monotonic() - started)
+    return rate, (_cpu_seconds(process.pid) - cpu) / backlog * 1e6
 
 
 def _profile(client: Any, workload: Workload, backlog: int, args: Any) -> tuple[float, str]:
@@ -422,7 +471,15 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=20.0, help="Length of each rate.")
     parser.add_argument("--backlog", type=int, default=50_000, help="Events for the max rate.")
-    parser.add_argument("--shards", type=int, default=1, help="Event stream shards.")
+    parser.add_argument(
+        "--shards", type=int, default=1, help="Event stream shards (at least --processes)."
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="Refresher processes (refresh --processes), each pinned to its own shards.",
+    )
     defaults = Settings()
     parser.add_argument(
         "--batch-max-events",
@@ -444,6 +501,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.users, args.seconds, args.backlog = 2000, 8.0, 20_000
+    args.shards = max(args.shards, args.processes)
 
     figures = Figures()
     table: list[tuple[str, str]] = []
@@ -454,14 +512,15 @@ def main() -> None:
         started = time.perf_counter()
         users, items = _publish(client, args.users, args.epochs, Path(models))
         print(f"trained and published {len(users)} users in {time.perf_counter() - started:.0f}s")
-        metrics_port, api_port = _free_port(), _free_port()
+        metrics = _free_ports(args.processes)
+        api_port = _free_port()
         workload = Workload(users, items, seed=2)
         logs = Path(models)
         with (
             _api(url, api_port, logs / "api.log"),
             _refresher(
                 url,
-                metrics_port,
+                metrics,
                 args.shards,
                 args.batch_max_events,
                 args.batch_max_wait_ms,
@@ -469,7 +528,7 @@ def main() -> None:
             ) as process,
         ):
             for rate in args.rates:
-                result = _steady_load(client, workload, api_port, metrics_port, rate, args)
+                result = _steady_load(client, workload, api_port, metrics, rate, args)
                 ms = result.latencies_ms
                 p50, p99, worst = (float(np.percentile(ms, q)) for q in (50, 99, 100))
                 achieved = result.appended / result.seconds
@@ -492,7 +551,7 @@ def main() -> None:
                     )
                 )
                 print(table[-1][0], table[-1][1], flush=True)
-            rate = _max_throughput(client, process, workload, args.backlog, args.shards)
+            rate, cpu_us = _max_throughput(client, process, workload, args.backlog, args.shards)
             figures.add(
                 "max_sustained_rate",
                 rate,
@@ -500,10 +559,12 @@ def main() -> None:
                 f">= {TARGET_SUSTAINED:,.0f}/s",
                 rate >= TARGET_SUSTAINED,
             )
+            figures.add("refresher_cpu_per_event", cpu_us, "us")
             table.append(
                 (
                     f"backlog of {args.backlog:,} (batch {args.batch_max_events})",
-                    f"{rate:,.0f} events/s drained",
+                    f"{rate:,.0f} events/s drained, refresher CPU {cpu_us:.0f} us/event "
+                    f"({1e6 / cpu_us:,.0f}/s per core)",
                 )
             )
         if args.profile:
@@ -512,7 +573,8 @@ def main() -> None:
 
     print(
         f"\nfreshness: append -> embedding served by the API ({args.users:,} users, "
-        f"1 refresher, batch {args.batch_max_events} / {args.batch_max_wait_ms} ms)"
+        f"{args.processes} refresher process(es) over {args.shards} shard(s), "
+        f"batch {args.batch_max_events} / {args.batch_max_wait_ms} ms)"
     )
     for left, right in table:
         print(f"  {left:<52} {right}")

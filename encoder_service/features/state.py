@@ -30,8 +30,10 @@ from encoder_service.features.schema import (
 )
 
 SECONDS_PER_DAY = 86_400.0
-_STATE_MAGIC = b"FS1"
-_HEADER = struct.Struct("<3sI")
+STATE_MAGIC = b"FS2"
+LEGACY_STATE_MAGIC = b"FS1"
+"""States written before ``FS2`` (floats as JSON text); still read, rewritten as ``FS2``."""
+STATE_HEADER = struct.Struct("<3sI")
 
 
 def heatmap_cell(timestamp: float) -> int:
@@ -107,7 +109,7 @@ class FeatureState:
         contribution = w * scale
         self.mass += contribution
 
-        categories = _item_categories(event, catalogs)
+        categories = item_categories(event, catalogs)
         if categories:
             share = contribution / len(categories)
             for name in categories:
@@ -144,33 +146,71 @@ class FeatureState:
 
     # --- serialisation -------------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        """Compact binary: a JSON header for names and scalars, then float32 arrays."""
+        """``FS2``: a JSON header of names only, then every number in binary.
+
+        Layout: ``b"FS2"``, the header length (u32), the header ``{"n": count, "cat": [...],
+        "et": [...], "cx": [...], "p": profile, "it": [[catalogue, dim], ...]}``, then float64
+        ``t_first, t_last, weight_sum, weight_sq_sum``, each category's ``[H]`` sums and each
+        event type's and context's sum, in the header's name order (as exact as ``FS1``'s JSON
+        numbers, without parsing text), then float32 ``mass, heatmap`` and the item sums.
+        """
         item_ids = sorted(self.item_sums)
         header = {
-            "t0": self.t_first if self.count else None,
-            "t1": self.t_last if self.count else None,
             "n": self.count,
-            "ws": self.weight_sum,
-            "wq": self.weight_sq_sum,
-            "cat": {k: v.tolist() for k, v in self.categories.items()},
-            "et": self.event_types,
-            "cx": self.contexts,
+            "cat": list(self.categories),
+            "et": list(self.event_types),
+            "cx": list(self.contexts),
             "p": self.profile,
             "it": [[cid, int(self.item_sums[cid].shape[1])] for cid in item_ids],
         }
         head = orjson.dumps(header, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+        exact = [
+            np.array([self.t_first, self.t_last, self.weight_sum, self.weight_sq_sum]),
+            *self.categories.values(),
+            np.array(list(self.event_types.values()), dtype=np.float64),
+            np.array(list(self.contexts.values()), dtype=np.float64),
+        ]
         arrays = [self.mass, self.heatmap, *(self.item_sums[cid].ravel() for cid in item_ids)]
-        body = np.concatenate(arrays).astype("<f4").tobytes()
-        return _HEADER.pack(_STATE_MAGIC, len(head)) + head + body
+        return b"".join(
+            (
+                STATE_HEADER.pack(STATE_MAGIC, len(head)),
+                head,
+                np.concatenate(exact).astype("<f8").tobytes(),
+                np.concatenate(arrays).astype("<f4").tobytes(),
+            )
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> FeatureState:
-        magic, head_len = _HEADER.unpack_from(data)
-        if magic != _STATE_MAGIC:
+        """Read ``FS2``, or ``FS1`` as written before it (names and floats in the header)."""
+        magic, head_len = STATE_HEADER.unpack_from(data)
+        if magic not in (STATE_MAGIC, LEGACY_STATE_MAGIC):
             raise ValueError("not a feature state (bad magic)")
-        header = orjson.loads(data[_HEADER.size : _HEADER.size + head_len])
-        body = np.frombuffer(data, dtype="<f4", offset=_HEADER.size + head_len).astype(np.float64)
+        header = orjson.loads(data[STATE_HEADER.size : STATE_HEADER.size + head_len])
+        offset = STATE_HEADER.size + head_len
         h = len(HALF_LIVES_DAYS)
+        if magic == STATE_MAGIC:
+            n_cat, n_et, n_cx = len(header["cat"]), len(header["et"]), len(header["cx"])
+            n_exact = 4 + n_cat * h + n_et + n_cx
+            if len(data) < offset + 8 * n_exact:
+                raise ValueError("feature state is truncated or has trailing bytes")
+            exact = np.frombuffer(data, dtype="<f8", count=n_exact, offset=offset)
+            offset += 8 * n_exact
+            t_first, t_last, weight_sum, weight_sq_sum = exact[:4].tolist()
+            cat_values = exact[4 : 4 + n_cat * h].reshape(n_cat, h)
+            labels = exact[4 + n_cat * h :].tolist()
+            categories = {k: cat_values[i].copy() for i, k in enumerate(header["cat"])}
+            event_types = dict(zip(header["et"], labels[:n_et], strict=True))
+            contexts = dict(zip(header["cx"], labels[n_et:], strict=True))
+        else:
+            t_first = header["t0"] if header["t0"] is not None else math.inf
+            t_last = header["t1"] if header["t1"] is not None else -math.inf
+            weight_sum, weight_sq_sum = header["ws"], header["wq"]
+            categories = {k: np.asarray(v, dtype=np.float64) for k, v in header["cat"].items()}
+            event_types, contexts = header["et"], header["cx"]
+        if (len(data) - offset) % 4:
+            raise ValueError("feature state is truncated or has trailing bytes")
+        body = np.frombuffer(data, dtype="<f4", offset=offset).astype(np.float64)
         cursor = 0
         mass = body[cursor : cursor + h].copy()
         cursor += h
@@ -183,22 +223,24 @@ class FeatureState:
         if cursor != len(body):
             raise ValueError("feature state is truncated or has trailing bytes")
         return cls(
-            t_first=header["t0"] if header["t0"] is not None else math.inf,
-            t_last=header["t1"] if header["t1"] is not None else -math.inf,
+            t_first=t_first,
+            t_last=t_last,
             count=header["n"],
-            weight_sum=header["ws"],
-            weight_sq_sum=header["wq"],
+            weight_sum=weight_sum,
+            weight_sq_sum=weight_sq_sum,
             mass=mass,
-            categories={k: np.asarray(v, dtype=np.float64) for k, v in header["cat"].items()},
+            categories=categories,
             heatmap=heatmap,
-            event_types=header["et"],
-            contexts=header["cx"],
+            event_types=event_types,
+            contexts=contexts,
             item_sums=item_sums,
             profile=header["p"],
         )
 
 
-def _item_categories(event: Event, catalogs: Mapping[str, ItemCatalog]) -> tuple[str, ...]:
+def item_categories(event: Event, catalogs: Mapping[str, ItemCatalog]) -> tuple[str, ...]:
+    """The event's item categories: the first live catalogue's that knows the item, else the
+    ones the event carries."""
     for catalog in catalogs.values():
         row = catalog.index.get(event.item_id)
         if row is not None:

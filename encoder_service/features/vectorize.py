@@ -9,16 +9,22 @@ the scale itself enters the ``activity`` group as log-mass.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 import numpy as np
 
+from encoder_service.features.batch import NamedSums, StateBatch
 from encoder_service.features.schema import OTHER, FeatureSchema, Segment
 from encoder_service.features.state import SECONDS_PER_DAY, FeatureState
 
 
 class Vectorizer:
-    """Precomputes the schema's lookup tables once; ``__call__`` maps states to rows."""
+    """Precomputes the schema's lookup tables once; ``__call__`` maps states to rows.
+
+    Works on a :class:`StateBatch`, a whole batch of users per numpy call: the refresher hands
+    it the batch it just applied events to, and lists of ``FeatureState`` (training, publish)
+    are converted first, so every caller shares one implementation and gets the same bits.
+    """
 
     def __init__(self, schema: FeatureSchema, catalog_id: str | None) -> None:
         self.schema = schema
@@ -29,116 +35,130 @@ class Vectorizer:
         self._context_slot = {name: i for i, name in enumerate(schema.context_slots)}
         self._horizons = [f"{int(h)}d" for h in schema.half_lives_days]
         self._affinity_start = schema.group("affinity").start
+        self._vocabularies = [_slots(f.vocabulary) for f in schema.profile_fields]
 
     @property
     def input_dim(self) -> int:
         return self.schema.input_dim
 
-    def __call__(self, states: Iterable[FeatureState]) -> np.ndarray:
+    def __call__(self, states: Sequence[FeatureState] | StateBatch) -> np.ndarray:
         """Rows ``[n_states, input_dim]`` float32."""
-        rows = [self.row(state) for state in states]
-        if not rows:
-            return np.zeros((0, self.input_dim), dtype=np.float32)
-        return np.stack(rows)
-
-    def row(self, state: FeatureState) -> np.ndarray:
-        x = np.zeros(self.input_dim, dtype=np.float64)
-        self._affinity(state, x)
-        self._item_taste(state, x)
-        self._activity(state, x)
-        self._rhythm(state, x)
-        self._context(state, x)
-        self._profile(state, x)
+        batch = states if isinstance(states, StateBatch) else StateBatch.from_states(states)
+        x = np.zeros((len(batch), self.input_dim), dtype=np.float64)
+        if len(batch):
+            self._affinity(batch, x)
+            self._item_taste(batch, x)
+            self._activity(batch, x)
+            self._rhythm(batch, x)
+            self._context(batch, x)
+            self._profile(batch, x)
         return x.astype(np.float32)
 
-    def _affinity(self, state: FeatureState, x: np.ndarray) -> None:
+    def _affinity(self, batch: StateBatch, x: np.ndarray) -> None:
         """All horizons at once: the affinity segments are consecutive ``[H, C]`` blocks."""
-        if not state.categories:
+        sums = batch.categories
+        if not len(sums):
             return
         other = self._category_slot[OTHER]
-        slots = [self._category_slot.get(name, other) for name in state.categories]
-        values = np.array(list(state.categories.values()))  # [k, H]
-        block = np.zeros((len(self._category_slot), values.shape[1]))
-        np.add.at(block, slots, values)
-        totals = block.sum(axis=0)
+        slots = [self._category_slot.get(name, other) for name in sums.names]
+        block = np.zeros((len(batch), len(self._category_slot), sums.width))
+        np.add.at(block, (sums.owners(), slots), sums.values)
+        totals = block.sum(axis=1, keepdims=True)
         block /= np.where(totals > 0, totals, 1.0)
-        x[self._affinity_start : self._affinity_start + block.size] = block.T.ravel()
+        start = self._affinity_start
+        x[:, start : start + block[0].size] = block.transpose(0, 2, 1).reshape(len(batch), -1)
 
-    def _item_taste(self, state: FeatureState, x: np.ndarray) -> None:
+    def _item_taste(self, batch: StateBatch, x: np.ndarray) -> None:
         if self.schema.item_vector_dim == 0 or self.catalog_id is None:
             return
-        sums = state.item_sums.get(self.catalog_id)
+        sums = batch.item_sums.get(self.catalog_id)
         if sums is None:
             return
+        held = (batch.mass > 0) & batch.item_present[self.catalog_id][:, None]
+        mass = np.where(held, batch.mass, 1.0)
         for h, horizon in enumerate(self._horizons):
             seg = self._segments[f"item_taste_{horizon}"]
-            if state.mass[h] > 0:
-                x[seg.start : seg.end] = sums[h] / state.mass[h]
+            x[:, seg.start : seg.end] = np.where(
+                held[:, h, None], sums[:, h] / mass[:, h, None], 0.0
+            )
 
-    def _activity(self, state: FeatureState, x: np.ndarray) -> None:
+    def _activity(self, batch: StateBatch, x: np.ndarray) -> None:
+        """log1p count and masses, span and mean gap in days, weight mean and spread."""
         seg = self._segments["activity"]
-        n = state.count
-        values = [math.log1p(n)]
-        values.extend(math.log1p(max(m, 0.0)) for m in state.mass)
-        if n:
-            span_days = max(state.t_last - state.t_first, 0.0) / SECONDS_PER_DAY
-            mean_w = state.weight_sum / n
-            var_w = max(state.weight_sq_sum / n - mean_w * mean_w, 0.0)
-            gap_days = span_days / (n - 1) if n > 1 else 0.0
-        else:
-            span_days = mean_w = var_w = gap_days = 0.0
-        values.extend([math.log1p(span_days), math.log1p(gap_days), mean_w, math.sqrt(var_w)])
-        x[seg.start : seg.end] = values
+        n = batch.count.astype(np.float64)
+        some = n > 0
+        safe_n = np.where(some, n, 1.0)
+        span_days = np.maximum(batch.t_last - batch.t_first, 0.0, where=some, out=np.zeros_like(n))
+        span_days /= SECONDS_PER_DAY
+        mean_w = np.where(some, batch.weight_sum / safe_n, 0.0)
+        var_w = np.where(some, np.maximum(batch.weight_sq_sum / safe_n - mean_w * mean_w, 0.0), 0.0)
+        gap_days = np.where(n > 1, span_days / np.maximum(n - 1, 1.0), 0.0)
+        columns = [
+            np.log1p(n)[:, None],
+            np.log1p(np.maximum(batch.mass, 0.0)),
+            np.log1p(span_days)[:, None],
+            np.log1p(gap_days)[:, None],
+            mean_w[:, None],
+            np.sqrt(var_w)[:, None],
+        ]
+        x[:, seg.start : seg.end] = np.concatenate(columns, axis=1)
 
-    def _rhythm(self, state: FeatureState, x: np.ndarray) -> None:
+    def _rhythm(self, batch: StateBatch, x: np.ndarray) -> None:
         seg = self._segments["heatmap"]
-        view = x[seg.start : seg.end]
-        view[:] = state.heatmap
-        _normalise(view)
+        x[:, seg.start : seg.end] = _normalised(batch.heatmap)
 
-    def _context(self, state: FeatureState, x: np.ndarray) -> None:
+    def _context(self, batch: StateBatch, x: np.ndarray) -> None:
         _fill_distribution(
-            x, self._segments.get("event_type"), state.event_types, self._event_type_slot
+            x, self._segments.get("event_type"), batch.event_types, self._event_type_slot
         )
-        _fill_distribution(x, self._segments.get("context"), state.contexts, self._context_slot)
+        _fill_distribution(x, self._segments.get("context"), batch.contexts, self._context_slot)
 
-    def _profile(self, state: FeatureState, x: np.ndarray) -> None:
-        for field in self.schema.profile_fields:
-            seg = self._segments[f"profile.{field.name}"]
-            value = state.profile.get(field.name)
-            if field.numeric:
-                number = _as_number(value)
-                if number is None:
-                    x[seg.start + 1] = 1.0
+    def _profile(self, batch: StateBatch, x: np.ndarray) -> None:
+        """Numeric fields standardised with a missing flag, categorical ones one-hot."""
+        fields = list(zip(self.schema.profile_fields, self._vocabularies, strict=True))
+        starts = [self._segments[f"profile.{f.name}"].start for f in self.schema.profile_fields]
+        for u, profile in enumerate(batch.profiles):
+            row = x[u]
+            for (field, vocabulary), start in zip(fields, starts, strict=True):
+                value = profile.get(field.name)
+                if field.numeric:
+                    number = _as_number(value)
+                    if number is None:
+                        row[start + 1] = 1.0
+                    else:
+                        row[start] = (number - field.mean) / field.std
+                elif value is None:
+                    row[start + len(vocabulary) + 1] = 1.0  # unknown
                 else:
-                    x[seg.start] = (number - field.mean) / field.std
-            else:
-                vocabulary = field.vocabulary
-                if value is None:
-                    slot = len(vocabulary) + 1  # unknown
-                else:
-                    text = _as_label(value)
-                    slot = vocabulary.index(text) if text in vocabulary else len(vocabulary)
-                x[seg.start + slot] = 1.0
+                    row[start + vocabulary.get(_as_label(value), len(vocabulary))] = 1.0
 
 
 def _fill_distribution(
-    x: np.ndarray, seg: Segment | None, weights: dict[str, float], slots: dict[str, int]
+    x: np.ndarray, seg: Segment | None, sums: NamedSums, slots: dict[str, int]
 ) -> None:
     """Add name-keyed weights into their slots (unseen names into ``OTHER``) and normalise."""
     if seg is None:
         return
-    view = x[seg.start : seg.end]
-    other = slots[OTHER]
-    for name, value in weights.items():
-        view[slots.get(name, other)] += value
-    _normalise(view)
+    block = np.zeros((len(x), seg.width))
+    if len(sums):
+        other = slots[OTHER]
+        columns = [slots.get(name, other) for name in sums.names]
+        np.add.at(block, (sums.owners(), columns), sums.values[:, 0])
+    x[:, seg.start : seg.end] = _normalised(block)
 
 
-def _normalise(view: np.ndarray) -> None:
-    total = view.sum()
-    if total > 0:
-        view /= total
+def _normalised(rows: np.ndarray) -> np.ndarray:
+    """Each row divided by its sum; all-zero rows stay zero."""
+    totals = rows.sum(axis=1, keepdims=True)
+    return rows / np.where(totals > 0, totals, 1.0)
+
+
+def _slots(vocabulary: Sequence[str]) -> dict[str, int]:
+    """Label -> its first position, what ``vocabulary.index`` answers, in one lookup."""
+    slots: dict[str, int] = {}
+    for slot, label in enumerate(vocabulary):
+        slots.setdefault(label, slot)
+    return slots
 
 
 def _as_number(value: str | float | None) -> float | None:

@@ -54,18 +54,28 @@ def refresh(
             min=0, help="Port of /metrics and /readyz; 0 = none (ENCODER_REFRESHER_METRICS_PORT)."
         ),
     ] = None,
+    processes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Run this many refresher processes, the shards split among them (needs at "
+            "least as many shards); process k is consumer <consumer>-k with metrics on port+k.",
+        ),
+    ] = 1,
 ) -> None:
     """Apply streamed events to feature states and re-encode every live version, until stopped."""
     from encoder_service.redis_connection import resolve_redis_url, sync_client
     from encoder_service.refresher.consumer import Refresher, RefresherConfig
     from encoder_service.refresher.health import HealthServer
     from encoder_service.refresher.models import LiveVersions
+    from encoder_service.refresher.supervisor import assign_shards, child_commands, supervise
 
     settings = get_settings()
     try:
         config = RefresherConfig.from_settings(
             settings, shards=shards, consumer=consumer, consume=tuple(consume or ())
         )
+        groups = assign_shards(config.shards, config.consume, processes)
     except ValueError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(code=2) from exc
@@ -73,6 +83,14 @@ def refresh(
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    if processes > 1:
+        log.info("running %d refresher processes over shards %s", processes, groups)
+        commands = child_commands(
+            groups, shards=config.shards, consumer=config.consumer, metrics_port=port
+        )
+        supervise(commands, stop)
+        log.info("refresher processes stopped")
+        return
     with resolve_redis_url(settings) as url:
         client = sync_client(url)
         versions = LiveVersions(client, poll_seconds=settings.registry_poll_seconds)

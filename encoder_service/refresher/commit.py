@@ -26,6 +26,7 @@ and applied again, so that commit is never overwritten.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from redis.client import Pipeline
 from encoder_service.data.contract import ContractError, Event, parse_event
 from encoder_service.encoder import Encoder
 from encoder_service.events import fields_to_raw
-from encoder_service.features.state import FeatureState
+from encoder_service.features.batch import StateBatch
 from encoder_service.refresher.deadletter import DeadLetter, queue_dead_letter
 from encoder_service.store import (
     decode_meta,
@@ -49,14 +50,19 @@ from encoder_service.store import (
 )
 
 MAX_CONFLICT_RETRIES = 10
+SLACK = 256
+"""Pending entries listed beyond the batch's own in the first XPENDING; more are listed in a
+second call only when the PEL holds more."""
 
 
 class CommitConflictError(RuntimeError):
     """Other writers kept changing this batch's users; the entries stay pending for a retry."""
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def parse_id(entry_id: str) -> tuple[int, int]:
-    """A stream id ``<ms>-<seq>`` as a tuple that compares the way Redis orders ids."""
+    """A stream id ``<ms>-<seq>`` as a tuple that compares the way Redis orders ids (cached:
+    a batch compares each of its ids several times)."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
 
@@ -127,10 +133,14 @@ class CommitResult:
 
 
 @dataclass
-class _UserPlan:
-    state: FeatureState
-    last_ids: dict[str, str]
-    new_keys: list[str] = field(default_factory=list)
+class _Plan:
+    """The users with at least one event to apply, their states with those events applied
+    (one row each), and what their meta records and idempotency keys become."""
+
+    users: list[str]
+    states: StateBatch
+    last_ids: list[dict[str, str]]
+    new_keys: list[list[str]]
 
 
 def commit_batch(
@@ -162,15 +172,15 @@ def commit_batch(
             try:
                 if watched:
                     pipe.watch(*watched)
-                plans = _plan(pipe, users, events, catalogs, result)
+                plan = _plan(pipe, users, events, catalogs, result)
                 result.committed_at = time.time()
                 pipe.multi()
-                _queue_users(pipe, plans, encoders, result.committed_at, idempotency_ttl)
+                _queue_users(pipe, plan, encoders, result.committed_at, idempotency_ttl)
                 _queue_acks(pipe, group, batch, borrowed)
                 for dead in batch.dead:
                     queue_dead_letter(pipe, dead, maxlen=dead_maxlen)
                 pipe.execute()
-                result.users = list(plans)
+                result.users = plan.users
                 result.conflicts = attempt
                 return result
             except redis.WatchError:
@@ -186,9 +196,10 @@ def _older_pending(client: redis.Redis, group: str, batch: Batch) -> list[Stream
     """Entries pending outside ``batch``, on its streams, of its users, older than their newest
     entry in it (rule 3).
 
-    In the steady state the only pending entries are the batch's own, so this costs two
-    XPENDING round trips. Entries trimmed from the stream, or breaking the contract, are left to
-    whoever holds them: they change no state.
+    In the steady state the only pending entries are the batch's own, so this costs one
+    round trip (the PEL summary and its first entries up to the batch's newest, pipelined).
+    Entries trimmed from the stream, or breaking the contract, are left to whoever holds them:
+    they change no state.
     """
     ids = batch.entry_ids()
     newest: dict[tuple[str, str], tuple[int, int]] = {}
@@ -199,14 +210,20 @@ def _older_pending(client: redis.Redis, group: str, batch: Batch) -> list[Stream
     if not streams:
         return []
     pipe = client.pipeline(transaction=False)
+    newest_id = {stream: max(ids[stream], key=parse_id) for stream in streams}
     for stream in streams:
         pipe.xpending(stream, group)
-    totals = [int(summary["pending"]) for summary in pipe.execute()]
-    for stream, total in zip(streams, totals, strict=True):
-        pipe.xpending_range(stream, group, "-", max(ids[stream], key=parse_id), max(total, 1))
+        pipe.xpending_range(stream, group, "-", newest_id[stream], len(ids[stream]) + SLACK)
+    replies = pipe.execute()
+    listed: dict[str, list] = {}
+    for k, stream in enumerate(streams):
+        total, rows = int(replies[2 * k]["pending"]), replies[2 * k + 1]
+        if len(rows) == len(ids[stream]) + SLACK and total > len(rows):  # more than fit
+            rows = client.xpending_range(stream, group, "-", newest_id[stream], total)
+        listed[stream] = rows
     others = [
         (stream, row["message_id"].decode())
-        for stream, rows in zip(streams, pipe.execute(), strict=True)
+        for stream, rows in listed.items()
         for row in rows
         if row["message_id"].decode() not in ids[stream]
     ]
@@ -233,13 +250,12 @@ def _plan(
     events: Sequence[StreamEvent],
     catalogs: Mapping,
     result: CommitResult,
-) -> dict[str, _UserPlan]:
+) -> _Plan:
     """Read the users' states and last ids (immediate mode, under WATCH) and apply the events
-    not yet applied; returns the users with at least one event applied."""
+    not yet applied, all users at once; the plan holds the users with an event applied."""
+    plan = _Plan([], StateBatch.empty(0), [], [])
     if not users:
-        return {}
-    states = cast(list[bytes | None], pipe.mget([state_key(u) for u in users]))
-    metas = cast(list[bytes | None], pipe.mget([meta_key(u) for u in users]))
+        return plan
     keyed = list(
         dict.fromkeys(
             (e.event.user_id, e.event.idempotency_key)
@@ -247,11 +263,15 @@ def _plan(
             if e.event.idempotency_key is not None
         )
     )
-    used = pipe.mget([idempotency_key(u, k) for u, k in keyed]) if keyed else []
+    keys = [state_key(u) for u in users] + [meta_key(u) for u in users]
+    values = cast(list[bytes | None], pipe.mget(keys + [idempotency_key(u, k) for u, k in keyed]))
+    n = len(users)
+    states, metas, used = values[:n], values[n : 2 * n], values[2 * n :]
     seen = {pair for pair, raw in zip(keyed, used, strict=True) if raw is not None}
-    stored = {u: (s, decode_meta(m)[1]) for u, s, m in zip(users, states, metas, strict=True)}
-    plans: dict[str, _UserPlan] = {}
-    last_ids: dict[str, dict[str, str]] = {u: last for u, (_, last) in stored.items()}
+    stored = dict(zip(users, states, strict=True))
+    last_ids = {u: decode_meta(m)[1] for u, m in zip(users, metas, strict=True)}
+    row: dict[str, int] = {}
+    to_apply: list[tuple[int, Event]] = []
     for e in events:
         user = e.event.user_id
         last = last_ids[user].get(e.stream)
@@ -263,45 +283,49 @@ def _plan(
         if key is not None and (user, key) in seen:
             result.duplicates.append(e)
             continue
-        plan = plans.get(user)
-        if plan is None:
-            raw = stored[user][0]
-            state = FeatureState.from_bytes(raw) if raw is not None else FeatureState()
-            plan = plans[user] = _UserPlan(state, last_ids[user])
-        plan.state.apply(e.event, catalogs)
+        u = row.get(user)
+        if u is None:
+            u = row[user] = len(plan.users)
+            plan.users.append(user)
+            plan.last_ids.append(last_ids[user])
+            plan.new_keys.append([])
+        to_apply.append((u, e.event))
         if key is not None:
             seen.add((user, key))
-            plan.new_keys.append(key)
+            plan.new_keys[u].append(key)
         result.applied.append(e)
-    return plans
+    plan.states = StateBatch.from_bytes([stored[user] for user in plan.users])
+    plan.states.apply(to_apply, catalogs)
+    return plan
 
 
 def _queue_users(
     pipe: Pipeline,
-    plans: Mapping[str, _UserPlan],
+    plan: _Plan,
     encoders: Mapping[str, Encoder],
     committed_at: float,
     idempotency_ttl: int,
 ) -> None:
     """Queue each planned user's state, embeddings under every version, meta and used keys."""
-    if not plans:
+    if not plan.users:
         return
-    users = list(plans)
-    states = [plans[u].state for u in users]
     values: dict[str, list[bytes]] = {
-        version: encode_embeddings(encoder.encode_states(states), encoder.dtype)  # type: ignore[arg-type]
+        version: encode_embeddings(
+            encoder.encode_features(encoder.vectorize(plan.states)),
+            encoder.dtype,  # type: ignore[arg-type]
+        )
         for version, encoder in encoders.items()
     }
     writes: dict[str, bytes] = {}
-    for row, user in enumerate(users):
-        plan = plans[user]
-        writes[state_key(user)] = plan.state.to_bytes()
+    blobs = plan.states.to_bytes()
+    for row, user in enumerate(plan.users):
+        writes[state_key(user)] = blobs[row]
         for version, rows in values.items():
             writes[embedding_key(version, user)] = rows[row]
-        writes[meta_key(user)] = encode_meta(committed_at, plan.last_ids)
+        writes[meta_key(user)] = encode_meta(committed_at, plan.last_ids[row])
     pipe.mset(writes)  # type: ignore[arg-type]
-    for user in users:
-        for key in plans[user].new_keys:
+    for user, keys in zip(plan.users, plan.new_keys, strict=True):
+        for key in keys:
             pipe.set(idempotency_key(user, key), b"1", ex=idempotency_ttl)
 
 

@@ -24,14 +24,15 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
 
-from encoder_service.data.contract import ContractError, parse_event
-from encoder_service.events import fields_to_raw, stream_keys
+from encoder_service.data.contract import ContractError
+from encoder_service.events import parse_entries, stream_keys
 from encoder_service.refresher import metrics
 from encoder_service.refresher.commit import Batch, CommitResult, StreamEvent, commit_batch
 from encoder_service.refresher.deadletter import DeadLetter
@@ -145,41 +146,70 @@ class Refresher:
 
     # --- the loop --------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        """Refresh until ``stop`` is set; Redis outages are waited out, never fatal."""
+        """Refresh until ``stop`` is set; Redis outages are waited out, never fatal.
+
+        While a batch commits, the next one is already being read on a second thread, so the
+        time Redis takes to gather it overlaps this process's work. The read-ahead entries are
+        delivered to this consumer like any others: pending until committed, processed before
+        the loop returns, and taken up from the pending list after an error or a crash.
+        """
         resume_own = True
         next_claim = next_gauges = 0.0
         failures = 0
-        while not stop.is_set():
-            try:
-                self.versions.maybe_reload()
-                metrics.LIVE_VERSIONS.set(len(self.versions.encoders))
-                if not self.versions.encoders:
-                    stop.wait(RETRY_WAIT_S)
-                    continue
-                if resume_own:
-                    self.ensure_groups()
-                    self.drain_own_pending()
-                    resume_own = False
-                now = time.monotonic()
-                if now >= next_claim:
-                    self.claim()
-                    next_claim = now + self.config.claim_idle_ms / 2000
-                if now >= next_gauges:
-                    metrics.observe_group(self.client, self.config.group, self.config.streams)
-                    next_gauges = now + GAUGE_INTERVAL_S
-                entries = self.read_new(stop)
-                if entries:
-                    self.process(entries)
-                failures = 0
-            except redis.RedisError as exc:
-                # Unreachable, failing over, out of memory, a stream deleted: wait it out. The
-                # batch in flight is still pending under this consumer, so take that up first.
-                metrics.FAILURES.labels(type(exc).__name__).inc()
-                failures += 1
-                wait = RETRY_BACKOFF.compute(failures)
-                log.warning("Redis error (%s); retry %d in %.1fs", exc, failures, wait)
-                resume_own = True
-                stop.wait(wait)
+        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refresh-read-ahead")
+        ahead: Future[list[Entry]] | None = None
+        try:
+            while not stop.is_set():
+                try:
+                    self.versions.maybe_reload()
+                    metrics.LIVE_VERSIONS.set(len(self.versions.encoders))
+                    if not self.versions.encoders:
+                        stop.wait(RETRY_WAIT_S)
+                        continue
+                    if resume_own:
+                        self.ensure_groups()
+                        self.drain_own_pending()
+                        resume_own = False
+                    now = time.monotonic()
+                    if now >= next_claim:
+                        self.claim()
+                        next_claim = now + self.config.claim_idle_ms / 2000
+                    if now >= next_gauges:
+                        metrics.observe_group(self.client, self.config.group, self.config.streams)
+                        next_gauges = now + GAUGE_INTERVAL_S
+                    entries = ahead.result() if ahead is not None else self.read_new(stop)
+                    ahead = None
+                    if entries:
+                        ahead = reader.submit(self.read_new, stop)
+                        self.process(entries)
+                    failures = 0
+                except redis.RedisError as exc:
+                    # Unreachable, failing over, out of memory, a stream deleted: wait it out.
+                    # The batch in flight (and any read ahead) is still pending under this
+                    # consumer, so take that up first.
+                    if ahead is not None:
+                        wait([ahead])
+                        ahead = None
+                    metrics.FAILURES.labels(type(exc).__name__).inc()
+                    failures += 1
+                    pause = RETRY_BACKOFF.compute(failures)
+                    log.warning("Redis error (%s); retry %d in %.1fs", exc, failures, pause)
+                    resume_own = True
+                    stop.wait(pause)
+        finally:
+            self._finish_read_ahead(ahead)
+            reader.shutdown(wait=True)
+
+    def _finish_read_ahead(self, ahead: Future[list[Entry]] | None) -> None:
+        """On the way out, commit what was read ahead rather than leave it to a restart."""
+        if ahead is None:
+            return
+        try:
+            entries = ahead.result()
+            if entries:
+                self.process(entries)
+        except redis.RedisError as exc:
+            log.warning("read-ahead batch left pending (%s)", exc)
 
     def read_new(self, stop: threading.Event | None = None) -> list[Entry]:
         """Block for new entries, then gather more until the batch is full or its time is up."""
@@ -330,6 +360,7 @@ class Refresher:
         batch = Batch()
         give_up = CRASH_FACTOR * self.config.max_deliveries
         latest = time.time() + self.config.max_future_seconds
+        readable: list[tuple[str, str, dict[bytes, bytes], int]] = []
         for stream, entry_id, fields in entries:
             if not fields:
                 batch.acks.append((stream, entry_id))
@@ -339,14 +370,15 @@ class Refresher:
                 reason = f"delivered {count} times without a commit: its consumers kept dying"
                 batch.dead.append(DeadLetter(stream, entry_id, fields, reason, count))
                 continue
-            try:
-                event = parse_event(fields_to_raw(fields), latest=latest)
-            except ContractError as exc:
+            readable.append((stream, entry_id, fields, count))
+        parsed = parse_entries((fields for _, _, fields, _ in readable), latest=latest)
+        for (stream, entry_id, fields, count), event in zip(readable, parsed, strict=True):
+            if isinstance(event, ContractError):
                 batch.dead.append(
-                    DeadLetter(stream, entry_id, fields, exc.reason, count, field=exc.field)
+                    DeadLetter(stream, entry_id, fields, event.reason, count, field=event.field)
                 )
-                continue
-            batch.events.append(StreamEvent(stream, entry_id, event))
+            else:
+                batch.events.append(StreamEvent(stream, entry_id, event))
         return batch
 
     def _commit_per_user(

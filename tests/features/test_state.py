@@ -170,7 +170,7 @@ def test_vector_layout_follows_the_schema() -> None:
     t = 1_700_000_000.0
     state.apply(Event("u", "a", t, event_type="view", profile={"age": 50.0}), {})
     state.apply(Event("u", "b", t + 1, event_type="rate", context="tv"), {catalog.hash: catalog})
-    x = Vectorizer(schema, None).row(state)
+    x = Vectorizer(schema, None)([state])[0]
     segments = {s.name: s for g in schema.groups for s in g.segments}
     for seg in segments.values():
         view = x[seg.start : seg.end]

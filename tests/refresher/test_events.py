@@ -12,9 +12,11 @@ import redis
 from encoder_service.data.contract import ContractError, Event, parse_event
 from encoder_service.data.tables import dataset_from_frames
 from encoder_service.events import (
+    _plain_event,
     append_events,
     event_to_fields,
     fields_to_raw,
+    parse_entries,
     shard_of,
     stream_for,
     stream_key,
@@ -149,3 +151,82 @@ def test_a_timestamp_survives_the_stream_to_the_last_bit() -> None:
     for value in values:
         fields = event_to_fields(Event("u1", "i1", value))
         assert parse_event(fields_to_raw(fields)).timestamp == value
+
+
+def _variants() -> list[dict[bytes, bytes]]:
+    """Entries that probe every rule of the contract, valid and not, in many spellings."""
+    base = {
+        b"user_id": b"u1",
+        b"item_id": b"i1",
+        b"timestamp": b"1718000000.25",
+        b"event_type": b"view",
+        b"weight": b"2.5",
+    }
+    changes: list[dict[bytes, bytes | None]] = [
+        {},
+        {b"weight": None, b"event_type": None},
+        {b"timestamp": b" 1718000000 "},
+        {b"timestamp": b"1_718_000_000"},
+        {b"timestamp": b"2024-06-10T08:00:00Z"},
+        {b"timestamp": b"nan"},
+        {b"timestamp": b"inf"},
+        {b"timestamp": b"4102444800"},
+        {b"timestamp": b"\xd9\xa1"},
+        {b"timestamp": b""},
+        {b"timestamp": None},
+        {b"user_id": b"u1\n"},
+        {b"user_id": "é".encode()},
+        {b"user_id": b"a" * 128},
+        {b"user_id": b"a" * 129},
+        {b"item_id": b"\xff"},
+        {b"weight": b""},
+        {b"weight": b"  "},
+        {b"weight": "\u00a0".encode()},
+        {b"weight": b"nan"},
+        {b"weight": b"-0.0"},
+        {b"weight": b"1e6"},
+        {b"weight": b"1000001"},
+        {b"weight": b"-inf"},
+        {b"event_type": b"  "},
+        {b"event_type": " padded\u2003".encode()},
+        {b"event_type": b"x" * 128},
+        {b"context": b""},
+        {b"context": b"tv"},
+        {b"context": b"y" * 129},
+        {b"categories": b"drama|comedy|drama| |"},
+        {b"categories": b"z" * 129},
+        {b"categories": b""},
+        {b"idempotency_key": b"k-1"},
+        {b"idempotency_key": b"   "},
+        {b"profile": b'{"age": 31, "country": "FR", "vip": null}'},
+        {b"profile": b"[1]"},
+        {b"profile": b""},
+        {b"unknown": b"ignored"},
+    ]
+    entries = []
+    for change in changes:
+        entry = {**base, **change}
+        entries.append({k: v for k, v in entry.items() if v is not None})
+    entries.append({k.decode(): v.decode() for k, v in base.items()})  # type: ignore[misc]
+    return entries
+
+
+def test_bulk_validation_decides_every_entry_exactly_as_parse_event() -> None:
+    entries = _variants()
+    parsed = parse_entries(entries)
+    plain = 0
+    for fields, outcome in zip(entries, parsed, strict=True):
+        try:
+            expected: Event | ContractError = parse_event(fields_to_raw(fields))
+        except ContractError as exc:
+            expected = exc
+        if isinstance(expected, ContractError):
+            assert isinstance(outcome, ContractError), fields
+            assert (outcome.field, outcome.reason) == (expected.field, expected.reason)
+        else:
+            assert outcome == expected, fields
+            assert type(outcome.timestamp) is float and type(outcome.weight) is float
+            plain += 1
+    assert plain >= 20 and len(parsed) - plain >= 10
+    fast = sum(_plain_event(fields) is not None for fields in entries)
+    assert fast >= 15  # the common shapes really take the direct path
