@@ -166,9 +166,7 @@ def decode_rows(
     hits = [raw for raw in raws if raw is not None]
     matrix = np.full((len(raws), dim), np.nan, dtype=np.float32)
     if hits and set(map(len, hits)) != {expected}:
-        position = next(
-            i for i, raw in enumerate(raws) if raw is not None and len(raw) != expected
-        )
+        position = next(i for i, raw in enumerate(raws) if raw is not None and len(raw) != expected)
         raise CorruptEmbeddingError(
             f"embedding value {position} is {len(raws[position])} bytes, expected {expected} "
             f"({dim} x {dtype})"

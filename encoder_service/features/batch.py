@@ -302,6 +302,11 @@ class StateBatch:
             self.item_present[cid][users] = True
             cursor += _H * dim
 
+    def set_item_sums(self, cid: str, rows: np.ndarray, sums: np.ndarray) -> None:
+        """Give the users at ``rows`` the item sums ``sums`` [len(rows), H, dim] for ``cid``."""
+        self._item_slot(cid, sums.shape[-1])[rows] = sums
+        self.item_present[cid][rows] = True
+
     def _item_slot(self, cid: str, dim: int) -> np.ndarray:
         sums = self.item_sums.get(cid)
         if sums is None:

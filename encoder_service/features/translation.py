@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from encoder_service.features.batch import StateBatch
 from encoder_service.features.catalog import ItemCatalog
 from encoder_service.features.state import FeatureState
 
@@ -48,7 +49,7 @@ class CatalogTranslation:
 
     def apply(self, sums: np.ndarray) -> np.ndarray:
         """Target-catalogue sums [H, target dim] from source sums [H, source dim]."""
-        return (sums.astype(np.float64) @ self.matrix).astype(np.float32)
+        return np.asarray(sums, dtype=np.float64) @ self.matrix
 
 
 def fit_translation(source: ItemCatalog, target: ItemCatalog) -> CatalogTranslation | None:
@@ -99,6 +100,23 @@ def fit_translations(
     return maps
 
 
+def translations_between(
+    catalogs: Iterable[ItemCatalog],
+) -> dict[str, list[CatalogTranslation]]:
+    """For every catalogue, the maps into it from each other one, best fit (``r2``) first.
+
+    What a refresher holds for its live versions: the first event a user gets after a version
+    with a new catalogue went live carries the user's history over before adding the event.
+    """
+    distinct = list({c.hash: c for c in catalogs}.values())
+    maps: dict[str, list[CatalogTranslation]] = {}
+    for target in distinct:
+        found = fit_translations(target, (c for c in distinct if c.hash != target.hash))
+        if found:
+            maps[target.hash] = sorted(found, key=lambda t: -t.r2)
+    return maps
+
+
 def fill_missing_sums(
     state: FeatureState, translations: Mapping[str, list[CatalogTranslation]]
 ) -> bool:
@@ -119,3 +137,25 @@ def fill_missing_sums(
                 changed = True
                 break
     return changed
+
+
+def fill_missing_batch(
+    batch: StateBatch, translations: Mapping[str, list[CatalogTranslation]]
+) -> int:
+    """:func:`fill_missing_sums` for every user of ``batch`` at once; returns users filled."""
+    filled = 0
+    for target_id, maps in translations.items():
+        for translation in maps:
+            source = batch.item_present.get(translation.source_id)
+            if source is None:
+                continue
+            target = batch.item_present.get(target_id)
+            missing = ~target if target is not None else np.ones(len(batch), dtype=bool)
+            rows = np.flatnonzero(missing & source & (batch.count > 0))
+            if not len(rows):
+                continue
+            batch.set_item_sums(
+                target_id, rows, translation.apply(batch.item_sums[translation.source_id][rows])
+            )
+            filled += len(rows)
+    return filled

@@ -30,6 +30,7 @@ import functools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import cast
 
 import redis
@@ -39,6 +40,7 @@ from encoder_service.data.contract import ContractError, Event, parse_event
 from encoder_service.encoder import Encoder
 from encoder_service.events import fields_to_raw
 from encoder_service.features.batch import StateBatch
+from encoder_service.features.translation import CatalogTranslation, fill_missing_batch
 from encoder_service.refresher.deadletter import DeadLetter, queue_dead_letter
 from encoder_service.store import (
     decode_meta,
@@ -151,11 +153,14 @@ def commit_batch(
     group: str,
     idempotency_ttl: int,
     dead_maxlen: int,
+    translations: Mapping[str, list[CatalogTranslation]] = MappingProxyType({}),
 ) -> CommitResult:
     """Resolve every entry of ``batch`` in one transaction.
 
     Args:
         encoders: version -> encoder, every live version; each user touched is re-encoded by all.
+        translations: item-sum maps between the live catalogues; a user's state that has no
+            sums for a live catalogue yet gets them from another before its events apply.
 
     Raises:
         CommitConflictError: WATCH kept failing ``MAX_CONFLICT_RETRIES`` times.
@@ -172,7 +177,7 @@ def commit_batch(
             try:
                 if watched:
                     pipe.watch(*watched)
-                plan = _plan(pipe, users, events, catalogs, result)
+                plan = _plan(pipe, users, events, catalogs, translations, result)
                 result.committed_at = time.time()
                 pipe.multi()
                 _queue_users(pipe, plan, encoders, result.committed_at, idempotency_ttl)
@@ -249,6 +254,7 @@ def _plan(
     users: Sequence[str],
     events: Sequence[StreamEvent],
     catalogs: Mapping,
+    translations: Mapping[str, list[CatalogTranslation]],
     result: CommitResult,
 ) -> _Plan:
     """Read the users' states and last ids (immediate mode, under WATCH) and apply the events
@@ -295,6 +301,7 @@ def _plan(
             plan.new_keys[u].append(key)
         result.applied.append(e)
     plan.states = StateBatch.from_bytes([stored[user] for user in plan.users])
+    fill_missing_batch(plan.states, translations)
     plan.states.apply(to_apply, catalogs)
     return plan
 

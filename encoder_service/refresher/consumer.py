@@ -342,6 +342,7 @@ class Refresher:
             group=self.config.group,
             idempotency_ttl=self.config.idempotency_ttl,
             dead_maxlen=self.config.maxlen,
+            translations=self.versions.translations,
         )
 
     def _deliveries(self, entries: Sequence[Entry]) -> dict[tuple[str, str], int]:

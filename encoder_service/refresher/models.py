@@ -18,6 +18,7 @@ import redis
 
 from encoder_service.encoder import Encoder, ModelArtifacts, SchemaHashMismatchError
 from encoder_service.features.catalog import ItemCatalog
+from encoder_service.features.translation import CatalogTranslation, translations_between
 from encoder_service.registry import Registry, UnknownVersionError
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ class LiveVersions:
         self.registry = Registry(client)
         self.poll_seconds = poll_seconds
         self.encoders: Mapping[str, Encoder] = MappingProxyType({})
+        self.translations: Mapping[str, list[CatalogTranslation]] = MappingProxyType({})
+        """Item-sum maps between the live catalogues (see ``features.translation``)."""
         self.refused: dict[str, str] = {}
         """Live versions this code cannot run, with the reason (a schema hash mismatch, say)."""
         self._next_poll = 0.0
@@ -57,6 +60,8 @@ class LiveVersions:
         changed = loaded.keys() != current.keys()
         if changed:
             log.info("live versions: %s", ", ".join(sorted(loaded)) or "none")
+            catalogs = (e.catalog for e in loaded.values())
+            self.translations = MappingProxyType(translations_between(catalogs))
         self.encoders = MappingProxyType(loaded)
         return changed
 

@@ -79,3 +79,22 @@ def test_empty_states_and_states_without_a_source_stay_as_they_are(catalogs) -> 
     elsewhere.apply(_history("u2", ["i1"])[0], {third.hash: third})
     assert not fill_missing_sums(elsewhere, {new.hash: [translation]})
     assert new.hash not in elsewhere.item_sums
+
+
+def test_a_batch_is_filled_as_each_state_is(catalogs) -> None:
+    from encoder_service.features.batch import StateBatch
+    from encoder_service.features.translation import fill_missing_batch
+
+    old, new = catalogs
+    translation = fit_translation(old, new)
+    assert translation is not None
+    states = [FeatureState(), FeatureState(), FeatureState()]
+    for event in _history("u1", ["i3", "i9"]):
+        states[0].apply(event, {old.hash: old})
+    for event in _history("u2", ["i5"]):
+        states[2].apply(event, {old.hash: old, new.hash: new})  # already has v2 sums
+    batch = StateBatch.from_states(states)
+    assert fill_missing_batch(batch, {new.hash: [translation]}) == 1
+    for state in states:
+        fill_missing_sums(state, {new.hash: [translation]})
+    assert batch.to_bytes() == StateBatch.from_states(states).to_bytes()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -148,24 +149,31 @@ def test_a_model_built_for_another_schema_is_refused_before_anything_is_written(
     assert "retrain the model" in versions.refused["v2"]
 
 
+def _rotated_catalogue(base: ModelArtifacts, version: str) -> tuple[ModelArtifacts, Any, Any]:
+    """``base`` as ``version`` whose catalogue rotates the item vectors (a linear change)."""
+    from encoder_service.features.catalog import ItemCatalog
+
+    old = ItemCatalog.from_bytes(base.catalog)
+    rotation, _ = np.linalg.qr(np.random.default_rng(5).normal(size=(old.dim, old.dim)))
+    new = ItemCatalog(old.item_ids, old.categories, old.vectors @ rotation.astype(np.float32))
+    artifacts = ModelArtifacts(
+        manifest={**base.manifest, "version": version, "catalog_hash": new.hash},
+        model=base.model,
+        catalog=new.to_bytes(),
+    )
+    return artifacts, old, new
+
+
 def test_a_version_with_a_new_item_catalogue_keeps_existing_users_item_history(
     redis_client: redis.Redis, trained: TrainedVersion
 ) -> None:
     """v2's catalogue rotates v1's item vectors; publishing v2 from the live states must give
     every user the item sums an offline build with v2's catalogue gives, not an empty taste."""
     from encoder_service.features.build import build_states
-    from encoder_service.features.catalog import ItemCatalog
 
     base = trained.artifacts()
     publish_version(redis_client, base, trained.user_ids, trained.states, progress=False)
-    old = ItemCatalog.from_bytes(base.catalog)
-    rotation, _ = np.linalg.qr(np.random.default_rng(5).normal(size=(old.dim, old.dim)))
-    new = ItemCatalog(old.item_ids, old.categories, old.vectors @ rotation.astype(np.float32))
-    v2 = ModelArtifacts(
-        manifest={**base.manifest, "version": "v2", "catalog_hash": new.hash},
-        model=base.model,
-        catalog=new.to_bytes(),
-    )
+    v2, old, new = _rotated_catalogue(base, "v2")
     publish_from_live_states(redis_client, v2, progress=False, settle_seconds=0)
 
     user_ids, offline = build_states(generate(400, seed=3), {old.hash: old, new.hash: new})
@@ -186,3 +194,50 @@ def test_a_version_with_a_new_item_catalogue_keeps_existing_users_item_history(
             )
         np.testing.assert_allclose(decode_embedding(stored, DIM), vector, atol=1e-4)
     assert with_history > 300
+
+
+def test_the_refresher_carries_item_history_over_when_a_new_catalogue_goes_live(
+    redis_client: redis.Redis, trained: TrainedVersion
+) -> None:
+    """v2 registered without a backfill: a user's first event afterwards must add onto their
+    carried-over history under v2's catalogue, as an offline build of the whole history does."""
+    from encoder_service.features.build import build_states
+
+    base = trained.artifacts()
+    publish_version(redis_client, base, trained.user_ids, trained.states, progress=False)
+    v2, old, new = _rotated_catalogue(base, "v2")
+    Registry(redis_client).register(v2.manifest, v2.model, v2.catalog)
+    users = trained.user_ids[:20]
+    events = [
+        Event(user_id=u, item_id=old.item_ids[k], timestamp=1_750_000_000.0 + k)
+        for k, u in enumerate(users)
+    ]
+    append_events(redis_client, events, shards=1, maxlen=1_000_000)
+    stop = threading.Event()
+    refresher = threading.Thread(
+        target=Refresher(redis_client, _config(), LiveVersions(redis_client, poll_seconds=60)).run,
+        args=(stop,),
+    )
+    refresher.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not _drained(redis_client):
+            assert time.monotonic() < deadline, "the refresher did not drain the stream"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        refresher.join()
+
+    user_ids, offline = build_states(generate(400, seed=3), {old.hash: old, new.hash: new})
+    by_user = dict(zip(user_ids, offline, strict=True))
+    blobs = EmbeddingStore(redis_client).read_states(users)
+    for event, blob in zip(events, blobs, strict=True):
+        expected = by_user[event.user_id]
+        expected.apply(event, {old.hash: old, new.hash: new})
+        assert blob is not None
+        np.testing.assert_allclose(
+            FeatureState.from_bytes(blob).item_sums[new.hash],
+            expected.item_sums[new.hash],
+            rtol=1e-3,
+            atol=1e-4,
+        )
