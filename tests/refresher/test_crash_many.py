@@ -151,8 +151,8 @@ def _snapshots(
             state, meta = values[2 * k], values[2 * k + 1]
             if state is None or meta is None:
                 continue
+            decoded = FeatureState.from_bytes(state)
             for stream, last in decode_meta(meta)[1].items():
-                decoded = FeatureState.from_bytes(state)
                 seen.append((user, stream, last, decoded.count, dict(decoded.profile)))
     return seen
 
@@ -181,12 +181,13 @@ def test_three_refreshers_killed_at_random_apply_every_event_once_and_in_order(
     observing = threading.Event()
     snapshots: list[tuple[str, str, str, int, dict]] = []
     observer = threading.Thread(
-        target=lambda: snapshots.extend(_snapshots(redis_client, users, observing))
+        target=lambda: snapshots.extend(_snapshots(redis_client, users, observing)), daemon=True
     )
     rng = np.random.default_rng(5)
     kills: list[_Kill] = []
     done: list[_Refresher] = []
     with ExitStack() as stack:
+        stack.callback(observing.set)  # a failure must not leave the observer running
         live = [
             _start(stack, redis_url, slot, f"refresher-{slot}-0", tmp_path)
             for slot in range(REFRESHERS)
