@@ -213,13 +213,14 @@ def drained(client: redis.Redis, streams: Sequence[str], group: str = "refresh")
 
 @contextmanager
 def refresher_process(
-    settings_env: dict[str, str], consumer: str, log: Path
+    settings_env: dict[str, str], consumer: str, log: Path, metrics_port: int = 0
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """``encoder-service refresh`` as a real process (killable), configured by environment."""
+    """``encoder-service refresh`` as a real process (killable), configured by environment;
+    ``metrics_port`` 0 serves no ``/metrics``."""
     with open(log, "ab") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "encoder_service.refresher.cli", "refresh"]
-            + ["--consumer", consumer, "--metrics-port", "0"],
+            + ["--consumer", consumer, "--metrics-port", str(metrics_port)],
             cwd=repo_root(),
             env={**os.environ, **settings_env},
             stdout=out,
@@ -231,3 +232,61 @@ def refresher_process(
         if process.poll() is None:
             process.kill()
         process.wait(timeout=10)
+
+
+def crash_workload(
+    trained: TrainedVersion, *, seed: int, events: int, new_users: int
+) -> list[Event]:
+    """Events for the published users and ``new_users`` unknown ones, in random order.
+
+    Every event of a new user carries a different profile age, and a state keeps the latest
+    profile applied: a user whose events were applied out of order ends with the wrong age.
+    """
+    rng = np.random.default_rng(seed)
+    users = list(trained.user_ids) + [f"crash-new-{k}" for k in range(new_users)]
+    out = []
+    for _ in range(events):
+        user = users[int(rng.integers(len(users)))]
+        profile = {"age": float(rng.integers(18, 80))} if user.startswith("crash-new") else {}
+        out.append(
+            Event(
+                user_id=user,
+                item_id=f"item-{int(rng.integers(200))}",
+                timestamp=1_718_000_000.0 + float(rng.uniform(0, 30 * 86_400)),
+                weight=float(rng.choice([0.5, 1.0, 2.0])),
+                profile=profile,
+            )
+        )
+    return out
+
+
+def consumer_reading(
+    client: redis.Redis, consumer: str, since: float, streams: Sequence[str], group: str = "refresh"
+) -> bool:
+    """The process started at ``since`` (monotonic) reads as ``consumer`` on every stream: it is
+    past start-up. A restart may reuse a name the group knows, so it must have been seen since.
+    """
+    for stream in streams:
+        try:
+            seen = {_name(c["name"]): c["idle"] for c in client.xinfo_consumers(stream, group)}
+        except redis.ResponseError:
+            return False
+        if seen.get(consumer, float("inf")) > (time.monotonic() - since) * 1000:
+            return False
+    return True
+
+
+def consumer_pending(
+    client: redis.Redis, consumer: str, streams: Sequence[str], group: str = "refresh"
+) -> int:
+    """Entries delivered to ``consumer`` and not acknowledged, over ``streams``."""
+    total = 0
+    for stream in streams:
+        for row in client.xpending(stream, group)["consumers"]:
+            if _name(row["name"]) == consumer:
+                total += int(row["pending"])
+    return total
+
+
+def _name(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

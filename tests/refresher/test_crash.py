@@ -26,6 +26,9 @@ from encoder_service.refresher.deadletter import count_dead_letters
 from encoder_service.training.pipeline import TrainedVersion
 from tests.refresher.conftest import (
     assert_same_state,
+    consumer_pending,
+    consumer_reading,
+    crash_workload,
     drained,
     expected_embedding,
     last_ids,
@@ -47,25 +50,6 @@ BURST_EVERY_S = 0.1
 second), so most kills find a batch in flight."""
 
 
-def _workload(trained: TrainedVersion, seed: int) -> list[Event]:
-    rng = np.random.default_rng(seed)
-    users = list(trained.user_ids) + [f"crash-new-{k}" for k in range(NEW_USERS)]
-    events = []
-    for _ in range(EVENTS):
-        user = users[int(rng.integers(len(users)))]
-        profile = {"age": float(rng.integers(18, 80))} if user.startswith("crash-new") else {}
-        events.append(
-            Event(
-                user_id=user,
-                item_id=f"item-{int(rng.integers(200))}",
-                timestamp=1_718_000_000.0 + float(rng.uniform(0, 30 * 86_400)),
-                weight=float(rng.choice([0.5, 1.0, 2.0])),
-                profile=profile,
-            )
-        )
-    return events
-
-
 def _refresher(
     redis_url: str, consumer: str, log: Path
 ) -> AbstractContextManager[subprocess.Popen[bytes]]:
@@ -81,32 +65,6 @@ def _refresher(
     return refresher_process(env, consumer, log)
 
 
-def _reading(client: redis.Redis, consumer: str, since: float) -> bool:
-    """The process started at ``since`` reads as ``consumer`` on every shard: past start-up.
-
-    A restart may reuse a name the group knows, so the consumer must have been seen since.
-    """
-    for stream in stream_keys(SHARDS):
-        try:
-            seen = {
-                c["name"].decode(): c["idle"] for c in client.xinfo_consumers(stream, "refresh")
-            }
-        except redis.ResponseError:
-            return False
-        if seen.get(consumer, float("inf")) > (time.monotonic() - since) * 1000:
-            return False
-    return True
-
-
-def _pending(client: redis.Redis, consumer: str) -> int:
-    total = 0
-    for stream in stream_keys(SHARDS):
-        for row in client.xpending(stream, "refresh")["consumers"]:
-            if row["name"].decode() == consumer:
-                total += int(row["pending"])
-    return total
-
-
 @pytest.mark.slow
 def test_sigkill_at_random_points_neither_loses_nor_duplicates_an_event(
     redis_client: redis.Redis,
@@ -115,7 +73,7 @@ def test_sigkill_at_random_points_neither_loses_nor_duplicates_an_event(
     trained: TrainedVersion,
     tmp_path: Path,
 ) -> None:
-    events = _workload(trained, seed=11)
+    events = crash_workload(trained, seed=11, events=EVENTS, new_users=NEW_USERS)
     users = sorted({e.user_id for e in events})
     before = {u: stored_state(redis_client, u) for u in users}
     assert len(users) >= 300
@@ -141,22 +99,32 @@ def test_sigkill_at_random_points_neither_loses_nor_duplicates_an_event(
         consumer = "crashy" if run % 2 == 0 else f"crashy-{run}"
         started = time.monotonic()
         with _refresher(redis_url, consumer, log) as process:
-            wait_until(lambda c=consumer, t=started: _reading(redis_client, c, t), timeout=30)
+            wait_until(
+                lambda c=consumer, t=started: consumer_reading(
+                    redis_client, c, t, stream_keys(SHARDS)
+                ),
+                timeout=30,
+            )
             # Kill somewhere in or just after a batch: between XREADGROUP and EXEC is the
             # interesting window, and a uniformly random moment would mostly find it idle.
             # Once the producer is done there may be nothing left to catch mid-batch: the kill
             # then lands at a random moment of the drain or of idling.
             wait_until(
-                lambda c=consumer: _pending(redis_client, c) > 0 or produced.is_set(),
+                lambda c=consumer: (
+                    consumer_pending(redis_client, c, stream_keys(SHARDS)) > 0 or produced.is_set()
+                ),
                 timeout=30,
             )
             time.sleep(float(rng.uniform(0, 0.02 if not produced.is_set() else 0.3)))
             process.send_signal(signal.SIGKILL)
             process.wait(timeout=10)
-            orphaned.append(_pending(redis_client, consumer))
+            orphaned.append(consumer_pending(redis_client, consumer, stream_keys(SHARDS)))
     started = time.monotonic()
     with _refresher(redis_url, "crashy", log) as process:
-        wait_until(lambda: _reading(redis_client, "crashy", started), timeout=30)
+        wait_until(
+            lambda: consumer_reading(redis_client, "crashy", started, stream_keys(SHARDS)),
+            timeout=30,
+        )
         producer.join()  # the last process runs while the rest of the log streams in
         wait_until(lambda: drained(redis_client, stream_keys(SHARDS)), timeout=60)
         process.send_signal(signal.SIGTERM)
