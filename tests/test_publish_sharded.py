@@ -16,7 +16,7 @@ from encoder_service.encoder import Encoder, ModelArtifacts
 from encoder_service.publish import publish_from_live_states, shard_bounds
 from encoder_service.registry import Registry
 from encoder_service.settings import get_settings
-from encoder_service.store import EmbeddingStore, decode_embeddings
+from encoder_service.store import EmbeddingStore, decode_rows
 from encoder_service.training.pipeline import TrainedVersion, train_version
 from encoder_service.training.train import TrainConfig
 
@@ -81,7 +81,7 @@ def test_backfill_over_processes_matches_one_process_and_registers_once(
     assert all(raw is not None for raw in by_three)
     assert by_three == by_one
     expected = Encoder(artifacts).encode_states(trained.states)
-    stored = decode_embeddings(by_three, 8)  # type: ignore[arg-type]
+    stored, _ = decode_rows(by_three, 8)
     np.testing.assert_allclose(stored, expected, atol=1e-6)
 
     registry = Registry(redis_client)

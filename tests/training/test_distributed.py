@@ -24,7 +24,7 @@ import torch
 from encoder_service.data.synthetic import generate
 from encoder_service.encoder import Encoder, ModelArtifacts
 from encoder_service.registry import Registry
-from encoder_service.store import EmbeddingStore, decode_embeddings
+from encoder_service.store import EmbeddingStore, decode_rows
 from encoder_service.training.distributed import World, launched_by_torchrun
 from encoder_service.training.pipeline import prepare_features
 from encoder_service.training.train import TrainConfig, train_autoencoder
@@ -125,7 +125,7 @@ def test_torchrun_train_exports_once_and_ranks_publish_their_slices(
     store = EmbeddingStore(redis_client)
     raw = store.read_embeddings("v3", prepared.user_ids)
     assert all(value is not None for value in raw)
-    stored = decode_embeddings(raw, 16)  # type: ignore[arg-type]
+    stored, _ = decode_rows(raw, 16)
     np.testing.assert_allclose(stored, expected, atol=1e-5)
     assert store.count_embeddings("v3") == users
     assert all(value is not None for value in store.read_states(prepared.user_ids))
