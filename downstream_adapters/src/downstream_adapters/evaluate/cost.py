@@ -67,7 +67,9 @@ def _model_bytes(model: Any) -> int:
 
 def _svd_features(tables: Tables, users: list[str], seed: int) -> tuple[Callable, int]:
     """A fitted projection (the pipeline's own artefact) and its size in bytes."""
-    svd = TruncatedSVD(64, random_state=seed).fit(baselines.interaction_matrix(tables, users))
+    matrix = baselines.interaction_matrix(tables, users)
+    dim = min(64, min(matrix.shape) - 1)  # as the baseline does on small catalogues
+    svd = TruncatedSVD(dim, random_state=seed).fit(matrix)
     components = svd.components_.astype(np.float32).T
 
     def features(t: Tables, u: list[str]) -> np.ndarray:
