@@ -116,3 +116,25 @@ def test_cli_writes_ood_and_cost(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert report["cost"]["rows"][cost.SHARED_ROWS[0]]["stored_bytes_per_user"] == DIM * 4 + 500
     assert (tmp_path / "p" / "ood.png").stat().st_size > 0
     assert (tmp_path / "p" / "cost.png").stat().st_size > 0
+
+
+def test_cli_refuses_ood_embeddings_of_another_width(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    tables = _tables(30, rng)
+    users = list(tables.labels.index)
+    tables.events.to_csv(tmp_path / "events.csv", index=False)
+    pd.DataFrame({"user_id": users, "kind": ["a", "b"] * 15}).to_csv(
+        tmp_path / "labels.csv", index=False
+    )
+    x = rng.standard_normal((30, DIM)).astype(np.float32)
+    np.savez(
+        tmp_path / "emb.npz", user_ids=np.asarray(users), embeddings=x, version="syn",
+        embedding_dim=DIM, schema_hash="sha256:0",
+    )  # fmt: skip
+    np.savez(tmp_path / "ood.npz", ood_bot=np.zeros((5, DIM + 1), dtype=np.float32))
+    args = [
+        "--embeddings", str(tmp_path / "emb.npz"), "--events", str(tmp_path / "events.csv"),
+        "--labels", str(tmp_path / "labels.csv"), "--ood", str(tmp_path / "ood.npz"),
+    ]  # fmt: skip
+    with pytest.raises(SystemExit, match="--ood: ood_bot has shape"):
+        main(args)

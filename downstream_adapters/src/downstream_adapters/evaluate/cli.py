@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     users = [u for u in labelled.index if u in set(embeddings.user_ids)]
     tasks = [Task(n, labelled.loc[users, n].astype(str).to_numpy()) for n in names]
     x = embeddings.align(users)
+    outliers, state_bytes = ({}, None) if args.no_scenarios else extras(args, embeddings, users)
     reps = {EMBEDDING_ROW: x, **representations(tables, users, args.seed)}
     print(
         f"{len(users)} users, {len(tasks)} tasks, {args.folds}-fold CV, version "
@@ -159,7 +160,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not args.no_scenarios:
         report["scenarios"] = run_scenarios(args, x, reps, tasks)
-        outliers, state_bytes = extras(args, embeddings, users)
         if outliers:
             report["scenarios"]["ood"] = run_ood(args, x, outliers, tasks)
         rows = cost.measure(tables, users, x, tasks, state_bytes=state_bytes, seed=args.seed)
@@ -225,21 +225,24 @@ def print_scenario(
 def extras(
     args: argparse.Namespace, embeddings: EmbeddingSet, users: list[str]
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """OOD embeddings (checked against the version's width) and the state size of ``users``."""
-    source = args.ood or args.embeddings
-    if source is None:
-        return {}, None
-    outliers, state_bytes = read_npz_extras(source)
+    """OOD embeddings (from ``--ood``, else the embeddings file), checked against the version's
+    width, and the service's state size for ``users`` when the embeddings file records it."""
+    outliers: dict[str, np.ndarray] = {}
+    state_bytes = None
+    if args.embeddings is not None:
+        outliers, sizes = read_npz_extras(args.embeddings)
+        if sizes is not None:
+            rows = {u: i for i, u in enumerate(embeddings.user_ids)}
+            state_bytes = sizes[[rows[u] for u in users]]
+    if args.ood is not None:
+        outliers, _ = read_npz_extras(args.ood)
+        if not outliers:
+            raise SystemExit(f"--ood: {args.ood} holds no ood_<case> arrays")
     for case, x in outliers.items():
         if x.ndim != 2 or x.shape[1] != embeddings.pin.dim:
             raise SystemExit(
                 f"--ood: ood_{case} has shape {x.shape}, the version has {embeddings.pin.dim} dims"
             )
-    if state_bytes is not None and args.embeddings is not None and args.ood is None:
-        rows = {u: i for i, u in enumerate(embeddings.user_ids)}
-        state_bytes = state_bytes[[rows[u] for u in users]]
-    else:
-        state_bytes = None  # sizes recorded for another file's users
     return outliers, state_bytes
 
 
