@@ -1,12 +1,14 @@
 """Train an encoder version on MovieLens with the label fields held out, and export every user's
-embedding to an ``.npz`` for ``adapters-evaluate --embeddings``.
+embedding to an ``.npz`` for ``adapters-evaluate --embeddings``, together with the embeddings of
+out-of-distribution users encoded by the same version (for the harness's OOD scenario).
 
 This script belongs to the repository, not to the ``downstream-adapters`` distribution: it is
 the only place that imports ``encoder_service``, to play the part of a published version. The
 profile fields the evaluation predicts (gender, age, occupation) are excluded from the encoder's
 input, so no label leaks into the embedding.
 
-    python downstream_adapters/scripts/export_embeddings.py --movielens DIR --out ml100k.npz
+    python downstream_adapters/scripts/export_embeddings.py --movielens DIR --out ml100k.npz \\
+        [--ciao DIR]
 """
 
 from __future__ import annotations
@@ -16,19 +18,130 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from encoder_service.data.ciao import load_ciao
 from encoder_service.data.movielens import load_movielens
+from encoder_service.data.tables import Dataset
 from encoder_service.encoder import Encoder
+from encoder_service.features.build import build_states
 from encoder_service.training.pipeline import train_version
 from encoder_service.training.train import TrainConfig
 
 LABEL_FIELDS = ["gender", "age", "occupation"]
+BOTS = 300
+BOT_EVENTS = (200, 600)
+BOT_MINUTES = (2, 15)
+CIAO_USERS = 300
+CIAO_MIN_EVENTS = 20
+
+
+def bot_users(dataset: Dataset, rng: np.random.Generator) -> Dataset:
+    """Synthetic bots: hundreds of events within minutes of one hour, items drawn uniformly from
+    the catalogue, one constant rating each.
+
+    Each bot carries the profile of a random real user, so only its behaviour is out of
+    distribution (a missing zip code alone would make it trivially separable).
+    """
+    items = dataset.items["item_id"].astype(str).to_numpy()
+    start, end = dataset.time_window()
+    profiles = dataset.users.iloc[rng.integers(0, len(dataset.users), BOTS)].copy()
+    profiles["user_id"] = [f"bot{i:04d}" for i in range(BOTS)]
+    frames = []
+    for user in profiles["user_id"]:
+        n = int(rng.integers(*BOT_EVENTS))
+        t0 = rng.uniform(start, end - 3600.0)
+        span = 60.0 * rng.uniform(*BOT_MINUTES)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "user_id": user,
+                    "item_id": rng.choice(items, n),
+                    "timestamp": np.sort(t0 + rng.uniform(0.0, span, n)),
+                    "weight": float(rng.integers(1, 6)),
+                }
+            )
+        )
+    return _dataset(dataset, pd.concat(frames, ignore_index=True), profiles, dataset.items, "bots")
+
+
+def shuffled_users(dataset: Dataset, rng: np.random.Generator) -> Dataset:
+    """Every real user with each event's item replaced by one drawn uniformly from the catalogue.
+
+    For a profile model "shuffled history" should break what a profile is about, the coherence
+    of *which* items a user chooses, and keep everything else: the same number of events, the
+    same timestamps (activity, rhythm) and the same ratings. Shuffling timestamps across users
+    would do the opposite (keep a coherent taste, move only the time features), which a profile
+    encoder should rightly treat as a plausible user.
+    """
+    items = dataset.items["item_id"].astype(str).to_numpy()
+    events = dataset.events[["user_id", "timestamp", "weight"]].copy()
+    events["item_id"] = rng.choice(items, len(events))
+    events["user_id"] = "shuffled-" + events["user_id"].astype(str)
+    users = dataset.users.assign(user_id="shuffled-" + dataset.users["user_id"].astype(str))
+    return _dataset(dataset, events, users, dataset.items, "shuffled")
+
+
+def ciao_users(dataset: Dataset, ciao_dir: Path, rng: np.random.Generator) -> Dataset:
+    """Ciao reviewers through the MovieLens version's input contract.
+
+    Ciao item ids are numbers too, so ids up to 1682 land on MovieLens movies (same number, no
+    shared meaning) and get their genres and item vectors; the rest are items the catalogue does
+    not know (no categories, the catalogue's fallback vector), as the online path treats them.
+    Ciao has no demographics, so the profile is empty.
+    """
+    ciao = load_ciao(ciao_dir)
+    counts = ciao.events["user_id"].value_counts()
+    eligible = np.sort(counts.index[counts >= CIAO_MIN_EVENTS].astype(str).to_numpy())
+    chosen = rng.choice(eligible, min(CIAO_USERS, len(eligible)), replace=False)
+    events = ciao.events[ciao.events["user_id"].astype(str).isin(chosen)]
+    events = events[["user_id", "item_id", "timestamp", "weight"]].assign(
+        user_id=lambda f: "ciao-" + f["user_id"].astype(str)
+    )
+    known = set(dataset.items["item_id"].astype(str))
+    strangers = sorted(set(events["item_id"].astype(str)) - known)
+    items = pd.concat(
+        [
+            dataset.items,
+            pd.DataFrame({"item_id": strangers, "categories": [()] * len(strangers)}).assign(
+                vector=None
+            ),
+        ],
+        ignore_index=True,
+    )
+    users = pd.DataFrame({"user_id": sorted(events["user_id"].unique())})
+    for field in dataset.profile_fields():
+        users[field] = None
+    return _dataset(dataset, events, users, items, "ciao")
+
+
+def _dataset(
+    like: Dataset, events: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame, name: str
+) -> Dataset:
+    """Events in the column layout and order :class:`Dataset` promises."""
+    frame = events.assign(
+        user_id=events["user_id"].astype(str),
+        item_id=events["item_id"].astype(str),
+        timestamp=events["timestamp"].astype(np.float64),
+        weight=events["weight"].astype(np.float64),
+        event_type=like.events["event_type"].iloc[0],
+        context=None,
+    )[list(like.events.columns)]
+    frame = frame.sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
+    return Dataset(frame, users.reset_index(drop=True), items, name)
+
+
+def encode(encoder: Encoder, dataset: Dataset) -> np.ndarray:
+    """Embeddings of ``dataset``'s users, states built against the version's own catalogue."""
+    _, states = build_states(dataset, {encoder.catalog_id: encoder.catalog})
+    return encoder.encode_states(states).astype(np.float32)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--movielens", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--ciao", type=Path, help="Ciao folder: also export Ciao users as OOD")
     parser.add_argument("--version", default="ml-eval")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--embedding-dim", type=int, default=64)
@@ -37,6 +150,10 @@ def main() -> None:
     args = parser.parse_args()
     dataset = load_movielens(args.movielens)
     config = TrainConfig(embedding_dim=args.embedding_dim, epochs=args.epochs, seed=args.seed)
+    rng = np.random.default_rng(args.seed)
+    ood = {"bot": bot_users(dataset, rng), "shuffled": shuffled_users(dataset, rng)}
+    if args.ciao is not None:
+        ood["ciao"] = ciao_users(dataset, args.ciao, rng)
     with tempfile.TemporaryDirectory() as folder:
         trained = train_version(
             dataset,
@@ -47,9 +164,11 @@ def main() -> None:
             exclude_profile=LABEL_FIELDS,
             progress=False,
         )
-        vectors = Encoder(trained.artifacts()).encode_features(trained.features)
+        encoder = Encoder(trained.artifacts())
+    vectors = encoder.encode_features(trained.features)
     manifest = trained.manifest
-    # The layout ``downstream_adapters.evaluate.data.read_npz`` reads.
+    # The layout ``downstream_adapters.evaluate.data.read_npz`` reads; ``state_bytes`` is what
+    # the refresher keeps per user beside the embedding, for the harness's cost table.
     np.savez(
         args.out,
         user_ids=np.asarray(trained.user_ids),
@@ -57,8 +176,11 @@ def main() -> None:
         version=manifest["version"],
         embedding_dim=int(manifest["embedding_dim"]),
         schema_hash=manifest["schema_hash"],
+        state_bytes=np.asarray([len(s.to_bytes()) for s in trained.states], dtype=np.int64),
+        **{f"ood_{case}": encode(encoder, users) for case, users in ood.items()},
     )
-    print(f"{len(trained.user_ids)} users -> {args.out} ({manifest['version']})")
+    sizes = ", ".join(f"{case} {len(users.users)}" for case, users in ood.items())
+    print(f"{len(trained.user_ids)} users + OOD ({sizes}) -> {args.out} ({manifest['version']})")
 
 
 if __name__ == "__main__":

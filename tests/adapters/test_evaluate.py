@@ -86,4 +86,9 @@ def test_harness_on_synthetic_data(synthetic_run, capsys: pytest.CaptureFixture[
         "main.png",
         "few_shot.png",
         "imbalance.png",
+        "cost.png",
     }
+    # Read from a service there are no OOD users, and the service state size is unknown.
+    assert "ood" not in report["scenarios"]
+    assert report["cost"]["rows"]["embedding + LinearHead per task"]["n_models"] == 2
+    assert report["cost"]["rows"]["embedding + LinearHead per task"]["stored_bytes_per_user"] == 256

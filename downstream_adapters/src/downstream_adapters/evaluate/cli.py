@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 
 from downstream_adapters.client import EmbeddingClient
-from downstream_adapters.evaluate import baselines, plots, scenarios
+from downstream_adapters.evaluate import baselines, cost, plots, scenarios
 from downstream_adapters.evaluate.data import (
     EmbeddingSet,
     Tables,
     fetch_from_service,
     read_movielens_100k,
     read_npz,
+    read_npz_extras,
     read_tables,
 )
 from downstream_adapters.evaluate.harness import Features, Task, run_table
@@ -54,7 +55,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shots", default="1,5,10,20", help="labelled users per class")
     parser.add_argument("--repeats", type=int, default=5, help="draws per few-shot setting")
-    parser.add_argument("--no-scenarios", action="store_true", help="only the main table")
+    parser.add_argument(
+        "--no-scenarios", action="store_true", help="only the main table (no scenarios, no cost)"
+    )
+    parser.add_argument(
+        "--ood",
+        type=Path,
+        help=".npz with ood_<case> embeddings of the same version (default: the --embeddings file)",
+    )
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--plots", type=Path, help="folder for PNG plots")
     args = parser.parse_args(argv)
@@ -132,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     users = [u for u in labelled.index if u in set(embeddings.user_ids)]
     tasks = [Task(n, labelled.loc[users, n].astype(str).to_numpy()) for n in names]
     x = embeddings.align(users)
+    outliers, state_bytes = ({}, None) if args.no_scenarios else extras(args, embeddings, users)
     reps = {EMBEDDING_ROW: x, **representations(tables, users, args.seed)}
     print(
         f"{len(users)} users, {len(tasks)} tasks, {args.folds}-fold CV, version "
@@ -151,6 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not args.no_scenarios:
         report["scenarios"] = run_scenarios(args, x, reps, tasks)
+        if outliers:
+            report["scenarios"]["ood"] = run_ood(args, x, outliers, tasks)
+        rows = cost.measure(tables, users, x, tasks, state_bytes=state_bytes, seed=args.seed)
+        print_cost(rows, len(tasks))
+        report["cost"] = {
+            "n_tasks": len(tasks),
+            "rows": rows,
+            "comparisons": cost.comparisons(rows),
+        }
     report["seconds"] = time.perf_counter() - started
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         if "scenarios" in report:
             plots.few_shot(report["scenarios"]["few_shot"], args.plots / "few_shot.png")
             plots.imbalance(report["scenarios"]["imbalance"], args.plots / "imbalance.png")
+            if "ood" in report["scenarios"]:
+                ood = report["scenarios"]["ood"]
+                plots.ood(ood["results"], ood["target"], args.plots / "ood.png")
+            plots.cost(report["cost"]["rows"], args.plots / "cost.png")
     return 0
 
 
@@ -198,3 +220,68 @@ def print_scenario(
     print(f"{'method':<40}{'balanced acc':>14}{'macro-F1':>10}")
     for method, values in imbalanced.items():
         print(f"{method:<40}{values['balanced_accuracy']:>14.3f}{values['macro_f1']:>10.3f}")
+
+
+def extras(
+    args: argparse.Namespace, embeddings: EmbeddingSet, users: list[str]
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """OOD embeddings (from ``--ood``, else the embeddings file), checked against the version's
+    width, and the service's state size for ``users`` when the embeddings file records it."""
+    outliers: dict[str, np.ndarray] = {}
+    state_bytes = None
+    if args.embeddings is not None:
+        outliers, sizes = read_npz_extras(args.embeddings)
+        if sizes is not None:
+            rows = {u: i for i, u in enumerate(embeddings.user_ids)}
+            state_bytes = sizes[[rows[u] for u in users]]
+    if args.ood is not None:
+        outliers, _ = read_npz_extras(args.ood)
+        if not outliers:
+            raise SystemExit(f"--ood: {args.ood} holds no ood_<case> arrays")
+    for case, x in outliers.items():
+        if x.ndim != 2 or x.shape[1] != embeddings.pin.dim:
+            raise SystemExit(
+                f"--ood: ood_{case} has shape {x.shape}, the version has {embeddings.pin.dim} dims"
+            )
+    return outliers, state_bytes
+
+
+def run_ood(
+    args: argparse.Namespace, x: np.ndarray, outliers: dict[str, np.ndarray], tasks: list[Task]
+) -> dict[str, Any]:
+    results = {t.name: scenarios.ood(x, outliers, t, k=args.folds, seed=args.seed) for t in tasks}
+    for task, rows in results.items():
+        print(
+            f"\n{task}: OOD AUROC, held-out real users vs each case (target "
+            f"{scenarios.OOD_TARGET} on {', '.join(scenarios.OOD_TARGET_CASES)})"
+        )
+        cases = list(next(iter(rows.values())))
+        print(f"{'head, score':<30}" + "".join(f"{c:>16}" for c in cases))
+        for row, by_case in rows.items():
+            cells = "".join(f"{v['auroc']:>9.3f} {_mark(v['held']):>6}" for v in by_case.values())
+            print(f"{row:<30}{cells}")
+    return {
+        "target": scenarios.OOD_TARGET,
+        "target_cases": list(scenarios.OOD_TARGET_CASES),
+        "cases": {case: len(v) for case, v in outliers.items()},
+        "results": results,
+    }
+
+
+def _mark(held: bool | None) -> str:
+    return "" if held is None else ("held" if held else "missed")
+
+
+def print_cost(rows: dict[str, dict[str, Any]], n_tasks: int) -> None:
+    print(f"\ninfrastructure cost of {n_tasks} tasks (CPU: all {n_tasks} predictions per user)")
+    print(
+        f"{'pipeline':<36}{'models':>7}{'features B/user':>17}{'state B/user':>14}"
+        f"{'stored B/user':>15}{'model bytes':>13}{'CPU us/user':>13}"
+    )
+    for name, r in rows.items():
+        state = r["service_state_bytes_per_user"]
+        print(
+            f"{name:<36}{r['n_models']:>7}{r['feature_bytes_per_user']:>17.0f}"
+            f"{'-' if state is None else f'{state:.0f}':>14}{r['stored_bytes_per_user']:>15.0f}"
+            f"{r['model_bytes']:>13}{r['cpu_us_per_user']:>13.1f}"
+        )

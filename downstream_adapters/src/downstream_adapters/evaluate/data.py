@@ -118,3 +118,11 @@ def fetch_from_service(client: EmbeddingClient, user_ids: list[str]) -> Embeddin
     found = batch.found
     ids = [u for u, ok in zip(user_ids, found, strict=True) if ok]
     return EmbeddingSet(ids, batch.vectors[found], client.info().pin)
+
+
+def read_npz_extras(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The optional arrays of an export: ``ood_<case>`` embeddings of out-of-distribution users
+    encoded by the same version, and ``state_bytes`` (the service's per-user state size)."""
+    with np.load(path, allow_pickle=False) as data:
+        ood = {k.removeprefix("ood_"): data[k] for k in data.files if k.startswith("ood_")}
+        return ood, data["state_bytes"] if "state_bytes" in data.files else None

@@ -67,3 +67,42 @@ def imbalance(results: dict[str, Any], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+def ood(results: dict[str, dict[str, dict[str, dict[str, Any]]]], target: float, out: Path) -> None:
+    """AUROC per score and OOD case, one panel per task, with the target as a line."""
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, (task, rows) in zip(axes[0], results.items(), strict=True):
+        names = list(rows)
+        cases = list(next(iter(rows.values())))
+        height = 0.8 / len(cases)
+        for i, case in enumerate(cases):
+            positions = [j + i * height for j in range(len(names))]
+            ax.barh(positions, [rows[n][case]["auroc"] for n in names], height, label=case)
+        ax.set_yticks([j + 0.4 - height / 2 for j in range(len(names))], names)
+        ax.axvline(target, color="black", linestyle="--", linewidth=1)
+        ax.set_xlim(0.0, 1.0)
+        ax.set_title(f"{task}: OOD AUROC")
+        ax.invert_yaxis()
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def cost(rows: dict[str, dict[str, Any]], out: Path) -> None:
+    """Stored bytes per user and CPU per user for N tasks, per pipeline."""
+    names = list(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+    for ax, figure, label in (
+        (axes[0], "stored_bytes_per_user", "stored bytes per user"),
+        (axes[1], "cpu_us_per_user", "CPU µs per user (all tasks)"),
+    ):
+        ax.barh(names, [rows[n][figure] for n in names], color="tab:purple")
+        ax.set_xscale("log")
+        ax.set_title(label)
+        ax.invert_yaxis()
+    axes[1].set_yticklabels([])
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

@@ -1,10 +1,13 @@
-"""Scenarios from the profiling paper: data insufficiency and class imbalance.
+"""Scenarios from the profiling paper: data insufficiency, class imbalance and OOD detection.
 
 * **Data insufficiency**: ``k`` labelled users per class (the rest are the test set), repeated
   over random draws; the few-shot heads and a linear probe on the embedding against logistic
   regression on the raw baselines. Balanced accuracy, so a majority-class guess scores 1/C.
 * **Class imbalance**: k-fold CV with and without reweighting the loss by inverse class
   frequency, reporting balanced accuracy and macro-F1.
+* **Out of distribution**: each head, fitted on the training folds of the real users, scores
+  the held-out real users and users of another distribution (bots, shuffled histories, another
+  data set) encoded by the same version; the AUROC of separating them, per score.
 """
 
 from __future__ import annotations
@@ -16,12 +19,27 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import balanced_accuracy_score, f1_score
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from downstream_adapters.evaluate.harness import Features, Task, folds
-from downstream_adapters.heads import LinearHead, MatchingHead, RelationHead
+from downstream_adapters.heads import (
+    ClassifierHead,
+    LinearHead,
+    MatchingHead,
+    MLPHead,
+    RelationHead,
+)
 
 SHOTS = (1, 5, 10, 20)
+OOD_TARGET = 0.9
+OOD_TARGET_CASES = ("bot", "shuffled")
+"""The cases the 0.9 AUROC target applies to; other cases are reported without a target."""
+OOD_HEADS: dict[str, Callable[[int], ClassifierHead]] = {
+    "LinearHead": lambda seed: LinearHead(seed=seed),
+    "MLPHead": lambda seed: MLPHead(seed=seed),
+    "MatchingHead": lambda seed: MatchingHead(seed=seed),
+    "RelationHead": lambda seed: RelationHead(seed=seed),
+}
 
 
 def _draw(y: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -113,3 +131,43 @@ def _both(y: np.ndarray, predicted: np.ndarray) -> tuple[float, float]:
         float(balanced_accuracy_score(y, predicted)),
         float(f1_score(y, predicted, average="macro")),
     )
+
+
+def ood(
+    embedding: np.ndarray,
+    outliers: Mapping[str, np.ndarray],
+    task: Task,
+    *,
+    heads: Mapping[str, Callable[[int], ClassifierHead]] = OOD_HEADS,
+    k: int = 5,
+    seed: int = 0,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{"<head>, <score>": {case: {auroc, auroc_std, target, held}}}`` over ``k`` folds.
+
+    The positives of a fold are every user of the case, the negatives the fold's held-out real
+    users; nothing about the OOD users is seen when fitting, so no score is tuned on them.
+    ``target`` is :data:`OOD_TARGET` for the cases in :data:`OOD_TARGET_CASES`, else ``None``.
+    """
+    raw: dict[str, dict[str, list[float]]] = {}
+    for train, test in folds(task, k, seed):
+        for name, make in heads.items():
+            head = make(seed).fit(embedding[train], task.y[train])
+            for method in ("mahalanobis", "energy"):
+                inside = head.ood_score(embedding[test], method)
+                for case, x in outliers.items():
+                    scores = np.concatenate([inside, head.ood_score(x, method)])
+                    truth = np.r_[np.zeros(len(inside)), np.ones(len(x))]
+                    row = raw.setdefault(f"{name}, {method}", {})
+                    row.setdefault(case, []).append(float(roc_auc_score(truth, scores)))
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for row, by_case in raw.items():
+        for case, values in by_case.items():
+            target = OOD_TARGET if case in OOD_TARGET_CASES else None
+            auroc = float(np.mean(values))
+            out.setdefault(row, {})[case] = {
+                "auroc": auroc,
+                "auroc_std": float(np.std(values)),
+                "target": target,
+                "held": None if target is None else auroc >= target,
+            }
+    return out
