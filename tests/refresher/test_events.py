@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import redis
 
-from encoder_service.data.contract import ContractError, Event, parse_event
+from encoder_service.data.contract import MAX_TIMESTAMP, ContractError, Event, parse_event
 from encoder_service.data.tables import dataset_from_frames
 from encoder_service.events import (
     _plain_event,
@@ -228,5 +228,17 @@ def test_bulk_validation_decides_every_entry_exactly_as_parse_event() -> None:
             assert type(outcome.timestamp) is float and type(outcome.weight) is float
             plain += 1
     assert plain >= 20 and len(parsed) - plain >= 10
-    fast = sum(_plain_event(fields) is not None for fields in entries)
+    fast = sum(_plain_event(fields, MAX_TIMESTAMP) is not None for fields in entries)
     assert fast >= 15  # the common shapes really take the direct path
+
+
+def test_bulk_validation_holds_events_to_the_latest_accepted_time() -> None:
+    now = 1_750_000_000.0
+    fields = {b"user_id": b"u1", b"item_id": b"i1", b"timestamp": str(now + 7200).encode()}
+    (refused,) = parse_entries([fields], latest=now + 3600)
+    with pytest.raises(ContractError) as expected:
+        parse_event(fields_to_raw(fields), latest=now + 3600)
+    assert isinstance(refused, ContractError)
+    assert (refused.field, refused.reason) == (expected.value.field, expected.value.reason)
+    (accepted,) = parse_entries([fields], latest=now + 10_800)
+    assert isinstance(accepted, Event) and accepted.timestamp == now + 7200
