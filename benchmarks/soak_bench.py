@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         with (
             _maxlen_env(args.stream_maxlen),
             _api(url, api_port, Path(tmp) / "api.log"),
-            _refresher(url, metrics_port, args.shards, 512, 20, Path(tmp) / "refresher.log"),
+            _refresher(url, [metrics_port], args.shards, 512, 20, Path(tmp) / "refresher.log"),
         ):
             max_rps = args.max_rps or loadgen.run_client(
                 loadgen.client_argv(
