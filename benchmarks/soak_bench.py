@@ -232,6 +232,13 @@ def _paced_window(port: int, ids_file: Path, rate: float, seconds: float) -> loa
     )
 
 
+def _failed_window(start: float, seconds: float, rate: float) -> Window:
+    """A window whose load client failed: latency at the client's timeout, all requests errors."""
+    timeout_ms = loadgen.REQUEST_TIMEOUT_S * 1000
+    due = round(rate * seconds)
+    return Window(start, seconds, 0.0, timeout_ms, timeout_ms, timeout_ms, due, due)
+
+
 def _growth(times: np.ndarray, values: np.ndarray, after_s: float) -> float:
     """Relative growth from the end of the warm-up to the end of the run: the median of the
     last quarter of the post-warm-up samples over the median of the first quarter (medians, so
@@ -428,7 +435,15 @@ def main(argv: list[str] | None = None) -> int:
                 while (left := end - time.monotonic()) > 1.0:
                     seconds = min(args.window_seconds, left)
                     window_start = time.monotonic() - started
-                    result = _paced_window(api_port, ids_file, rate, seconds)
+                    try:
+                        result = _paced_window(api_port, ids_file, rate, seconds)
+                    except RuntimeError as exc:
+                        # The load client gave up (requests outstanding past its timeout): the
+                        # window counts as failed, every request it was due to send an error,
+                        # and the soak goes on so the report still shows what came after.
+                        print(f"{window_start / 60:5.1f} min: window failed ({exc})", flush=True)
+                        soak.windows.append(_failed_window(window_start, seconds, rate))
+                        continue
                     soak.windows.append(
                         Window(
                             window_start,
