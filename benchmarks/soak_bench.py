@@ -82,6 +82,7 @@ DRAIN_TIMEOUT_S = 120.0
 TARGET_RSS_GROWTH = 0.05
 TARGET_REDIS_GROWTH = 0.05
 TARGET_P99_RISE = 0.25
+LATENCY_MONITOR_MS = 50
 
 
 @dataclass
@@ -96,6 +97,11 @@ class Window:
     max_ms: float
     requests: int
     errors: int
+    # Where a slow window's time went: the client's dispatcher waking late (its own process
+    # starved of CPU), a request waiting for a free connection, or the answer coming late.
+    dispatch_lag_p99_ms: float = float("nan")
+    send_lag_p99_ms: float = float("nan")
+    p99_from_send_ms: float = float("nan")
 
 
 @dataclass
@@ -106,6 +112,10 @@ class Sample:
     redis_used_mb: float
     stream_entries: int
     backlog: int
+    # CPU since the previous sample, in cores: the whole machine, and the soak's own processes
+    # (this script, the load client, the API, the refresher, Valkey). The rest is other load.
+    cpu_machine_cores: float = float("nan")
+    cpu_soak_cores: float = float("nan")
 
 
 @dataclass
@@ -188,9 +198,15 @@ def _sampler(client: Any, shards: int, soak: Soak, started: float) -> Iterator[N
     """Record memory and backlog every ``SAMPLE_EVERY_S`` on a thread until the block ends."""
     api, refresher = _process("serve"), _process("refresh")
     stop = threading.Event()
+    last = {"at": time.monotonic(), "machine": _machine_busy_s(), "soak": _soak_cpu_s()}
 
     def sample() -> None:
         length, backlog = _backlog(client, shards)
+        now, machine, own = time.monotonic(), _machine_busy_s(), _soak_cpu_s()
+        elapsed = max(now - last["at"], 1e-9)
+        cpu_machine = (machine - last["machine"]) / elapsed
+        cpu_soak = (own - last["soak"]) / elapsed
+        last.update(at=now, machine=machine, soak=own)
         soak.samples.append(
             Sample(
                 at_s=time.monotonic() - started,
@@ -199,6 +215,8 @@ def _sampler(client: Any, shards: int, soak: Soak, started: float) -> Iterator[N
                 redis_used_mb=int(client.info("memory")["used_memory"]) / 2**20,
                 stream_entries=length,
                 backlog=backlog,
+                cpu_machine_cores=cpu_machine,
+                cpu_soak_cores=cpu_soak,
             )
         )
 
@@ -237,6 +255,37 @@ def _failed_window(start: float, seconds: float, rate: float) -> Window:
     timeout_ms = loadgen.REQUEST_TIMEOUT_S * 1000
     due = round(rate * seconds)
     return Window(start, seconds, 0.0, timeout_ms, timeout_ms, timeout_ms, due, due)
+
+
+def _soak_cpu_s() -> float:
+    """CPU seconds used so far by this process, its descendants alive now, and the children it
+    has already waited for (each window's load client)."""
+    me = psutil.Process()
+    own = me.cpu_times()
+    total = own.user + own.system + own.children_user + own.children_system
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            times = child.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def _other_cores(sample: Sample) -> float:
+    """CPU taken by processes outside the soak in a sample's interval, in cores."""
+    return max(0.0, sample.cpu_machine_cores - sample.cpu_soak_cores)
+
+
+def _valkey_latency_events(client: Any) -> list[dict]:
+    """Valkey's own record of its slow events (fork, expiry, commands) over the threshold."""
+    return [
+        {"event": str(e[0]), "latest_unix": int(e[1]), "latest_ms": int(e[2]), "max_ms": int(e[3])}
+        for e in client.execute_command("LATENCY", "LATEST")
+    ]
+
+
+def _machine_busy_s() -> float:
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
 def _growth(times: np.ndarray, values: np.ndarray, after_s: float) -> float:
@@ -330,6 +379,12 @@ def _figures(args: Any, max_rps: float, rate: float, soak: Soak, errors: dict) -
     cap = args.stream_maxlen * args.shards + 100 * args.shards
     add("stream entries, most seen", longest, "entries", f"<= {cap} (the cap)", longest <= cap)
     add("backlog, most seen", max(s.backlog for s in soak.samples), "entries", None, None)
+    other = [_other_cores(s) for s in soak.samples[1:]]
+    if other:
+        add("CPU of other processes, most seen", max(other), "cores", None, None)
+    lag = np.array([w.dispatch_lag_p99_ms for w in soak.windows])
+    if np.isfinite(lag).any():
+        add("load client's own lag p99, worst window", float(np.nanmax(lag)), "ms", None, None)
     return rows
 
 
@@ -349,7 +404,9 @@ def _plot(path: Path, soak: Soak, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
+    fig, (top, middle, bottom) = plt.subplots(
+        3, 1, figsize=(9, 8.5), sharex=True, height_ratios=(3, 2, 3)
+    )
     t = [(w.start_s + w.seconds / 2) / 60 for w in soak.windows]
     top.plot(t, [w.p99_ms for w in soak.windows], marker="o", label="p99")
     top.plot(t, [w.p50_ms for w in soak.windows], marker=".", label="p50")
@@ -358,6 +415,12 @@ def _plot(path: Path, soak: Soak, title: str) -> None:
     top.legend()
     top.grid(alpha=0.3)
     ts = [s.at_s / 60 for s in soak.samples]
+    middle.plot(ts, [s.cpu_soak_cores for s in soak.samples], label="soak processes")
+    middle.plot(ts, [_other_cores(s) for s in soak.samples], label="other processes")
+    middle.set_ylabel("CPU (cores)")
+    middle.set_ylim(bottom=0)
+    middle.legend()
+    middle.grid(alpha=0.3)
     bottom.plot(ts, [s.api_rss_mb for s in soak.samples], label="API RSS")
     bottom.plot(ts, [s.refresher_rss_mb for s in soak.samples], label="refresher RSS")
     bottom.plot(ts, [s.redis_used_mb for s in soak.samples], label="Redis used memory")
@@ -397,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         client = sync_client(url)
         if client.dbsize():
             raise SystemExit("--redis-url must name an empty database")
+        # Valkey records any event slower than this (a fork, an expiry cycle, a slow command).
+        client.config_set("latency-monitor-threshold", LATENCY_MONITOR_MS)
         users, items = _publish(client, args.users, args.epochs, Path(tmp))
         ids_file = Path(tmp) / "ids.txt"
         ids_file.write_text("\n".join(users))
@@ -454,11 +519,18 @@ def main(argv: list[str] | None = None) -> int:
                             result.max_ms,
                             result.requests,
                             result.errors,
+                            result.extra.get("dispatch_lag_p99_ms", float("nan")),
+                            result.extra.get("send_lag_p99_ms", float("nan")),
+                            result.extra.get("service_p99_ms", float("nan")),
                         )
                     )
                     print(
                         f"{window_start / 60:5.1f} min: p99 {result.p99_ms:6.1f} ms, "
+                        f"(client lag {result.extra.get('dispatch_lag_p99_ms', float('nan')):.1f}, "
+                        f"send lag {result.extra.get('send_lag_p99_ms', float('nan')):.1f}, "
+                        f"from send {result.extra.get('service_p99_ms', float('nan')):.1f}), "
                         f"{result.rps:,.0f} req/s, {result.errors} errors, "
+                        f"CPU other {_other_cores(soak.samples[-1]):.2f} cores, "
                         f"RSS API {soak.samples[-1].api_rss_mb:.0f} MiB, "
                         f"Redis {soak.samples[-1].redis_used_mb:.1f} MiB",
                         flush=True,
@@ -473,8 +545,10 @@ def main(argv: list[str] | None = None) -> int:
                 "dead letters": count_dead_letters(client),
                 "events left unapplied": _backlog(client, args.shards)[1],
             }
+            valkey_events = _valkey_latency_events(client)
     rows = _figures(args, max_rps, rate, soak, errors)
     print(_table(rows))
+    print(f"Valkey events over {LATENCY_MONITOR_MS} ms: {valkey_events or 'none'}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -484,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
             "figures": rows,
             "windows": [asdict(w) for w in soak.windows],
             "samples": [asdict(s) for s in soak.samples],
+            "valkey_latency_events": valkey_events,
         }
         args.json.write_text(json.dumps(payload, indent=2, default=str))
     if args.png:
