@@ -509,6 +509,9 @@ def bench_workers(bench: Bench, workers: int, ports: dict[str, int]) -> dict[str
         results[f"{name}_{key}_paced"] = bench.row(figure, label, workers, paced, note)
         bench.report.add_figure(f"{figure}.rate", rate, "req/s")
         bench.report.add_figure(f"{figure}.send_lag_p99", paced.extra["send_lag_p99_ms"], "ms")
+        bench.report.add_figure(
+            f"{figure}.client_dispatch_lag_p99", paced.extra["dispatch_lag_p99_ms"], "ms"
+        )
         bench.report.add_figure(f"{figure}.p99_from_send", paced.extra["service_p99_ms"], "ms")
     return results
 
