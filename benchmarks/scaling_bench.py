@@ -55,6 +55,7 @@ from serving.loadgen import RequestSpec  # noqa: E402
 from serving_bench import free_port, python_env, server, service_cmd  # noqa: E402
 
 from encoder_service.data.synthetic import generate  # noqa: E402
+from encoder_service.data.tables import Dataset, write_tables  # noqa: E402
 from encoder_service.publish import publish_version  # noqa: E402
 from encoder_service.redis_connection import start_server, sync_client  # noqa: E402
 from encoder_service.training.pipeline import train_version  # noqa: E402
@@ -134,7 +135,7 @@ def measure_size(args: argparse.Namespace, users: int, tmp: Path) -> SizeResult:
     timed = args.train_processes and users <= args.torchrun_max_users
     ddp_epoch_s = torchrun_epoch_seconds(args, users, tmp) if timed else math.nan
     started = time.perf_counter()
-    dataset = generate(users, seed=args.seed)
+    dataset = synthetic(args, users)
     generate_s = time.perf_counter() - started
     print(f"generated {len(dataset.events):,} events in {generate_s:.1f} s", flush=True)
 
@@ -199,9 +200,19 @@ def measure_size(args: argparse.Namespace, users: int, tmp: Path) -> SizeResult:
     )
 
 
+def synthetic(args: argparse.Namespace, users: int) -> Dataset:
+    """The data set of one size: ``users`` users over a catalogue of ``--items`` items."""
+    return generate(users, seed=args.seed, n_items=args.items)
+
+
 def torchrun_epoch_seconds(args: argparse.Namespace, users: int, tmp: Path) -> float:
-    """Seconds per epoch of ``encoder-service train`` under torchrun, from its manifest."""
+    """Seconds per epoch of ``encoder-service train`` under torchrun, from its manifest.
+
+    The ranks read the same data set from Parquet files written here (the CLI's generic input),
+    which are deleted afterwards.
+    """
     home = tmp / "torchrun"
+    tables = write_tables(synthetic(args, users), tmp / "tables", "parquet")
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
@@ -212,10 +223,13 @@ def torchrun_epoch_seconds(args: argparse.Namespace, users: int, tmp: Path) -> f
     command = [
         *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
         f"--nproc-per-node={args.train_processes}",
-        *("-m", "encoder_service.cli", "train", "--synthetic", str(users)),
+        *("-m", "encoder_service.cli", "train"),
+        *(arg for name, path in tables.items() for arg in (f"--{name}", str(path))),
         *("--epochs", str(args.epochs), "--no-publish", "--version", VERSION),
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    for path in tables.values():
+        path.unlink()
     if done.returncode:
         raise RuntimeError(f"torchrun training failed:\n{done.stderr[-3000:]}")
     metrics = json.loads((home / "models" / VERSION / "manifest.json").read_text())["metrics"]
@@ -376,6 +390,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=200_000,
         help="Largest size timed under torchrun: every rank holds the whole data set "
         "(about 16 KB per user while features are built), so N ranks need N times the memory.",
+    )
+    parser.add_argument(
+        "--items",
+        type=int,
+        default=20_000,
+        help="Catalogue size, the same at every size so that the curves show the cost of users "
+        "alone (the item head's width grows with the catalogue up to its 20,000-item cap).",
     )
     parser.add_argument("--dim", type=int, default=64, help="Embedding dimension.")
     parser.add_argument("--seed", type=int, default=0)
