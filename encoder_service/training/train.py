@@ -70,12 +70,14 @@ class TrainResult:
     """The trained model (best validation epoch, eval mode) and what happened on the way.
 
     ``history`` has one dict per epoch: ``epoch`` (1-based), ``train_loss`` (with group dropout),
-    ``val_loss`` (without), ``val_loss_per_group``, ``train_seconds`` (optimisation only) and
+    ``val_loss`` (without), ``val_loss_per_group``, ``train_seconds`` (optimisation only),
+    ``train_cpu_seconds`` (this process's CPU time over the same span, all its threads) and
     ``seconds`` (with validation). ``metrics`` describes the returned weights: ``val_loss``,
     ``val_loss_per_group``, ``users_per_second`` (training rows per second of optimisation, over
-    all epochs), ``n_train``, ``n_val``, ``best_epoch``, ``epochs_run``. ``val_index`` holds the
-    sorted rows of ``x`` held out for validation, so downstream evaluations can stay off the
-    users the encoder was fitted on.
+    all epochs), ``users_per_cpu_second`` (the same per CPU second, which unlike wall time does
+    not depend on what else runs on the machine), ``n_train``, ``n_val``, ``best_epoch``,
+    ``epochs_run``. ``val_index`` holds the sorted rows of ``x`` held out for validation, so
+    downstream evaluations can stay off the users the encoder was fitted on.
     """
 
     model: MultiGroupAutoencoder
@@ -122,6 +124,9 @@ def train_autoencoder(
         "val_loss": best["val_loss"],
         "val_loss_per_group": best["val_loss_per_group"],
         "users_per_second": len(train.x) * len(history) / sum(h["train_seconds"] for h in history),
+        "users_per_cpu_second": len(train.x)
+        * len(history)
+        / max(sum(h["train_cpu_seconds"] for h in history), 1e-9),
         "n_train": len(train.x),
         "n_val": len(val.x),
         "best_epoch": best_epoch,
@@ -229,7 +234,7 @@ def _fit(
     history: list[dict[str, Any]] = []
     best_loss, best_epoch, best_state = float("inf"), 0, copy.deepcopy(model.state_dict())
     for epoch in range(1, config.epochs + 1):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         order = world.epoch_rows(len(train.x), epoch, config.seed, generator)
         batch_size = world.local_batch_size(config.batch_size)
         train_loss = _train_epoch(
@@ -237,6 +242,7 @@ def _fit(
         )
         (train_loss,) = world.mean([train_loss])
         train_seconds = time.perf_counter() - started
+        train_cpu_seconds = time.process_time() - started_cpu
         val_loss, val_groups = evaluate(model, val.x, val.items)
         val_loss, *val_groups = world.mean([val_loss, *val_groups], weight=len(val.x))
         history.append(
@@ -246,6 +252,7 @@ def _fit(
                 "val_loss": val_loss,
                 "val_loss_per_group": dict(zip(group_names, val_groups, strict=True)),
                 "train_seconds": train_seconds,
+                "train_cpu_seconds": train_cpu_seconds,
                 "seconds": time.perf_counter() - started,
             }
         )
