@@ -10,7 +10,9 @@ each helper is the plain command, unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import redis
@@ -75,6 +77,65 @@ async def mget_async(
     return cast(list[bytes | None], await client.mget(keys))
 
 
-def first_key(item: tuple[Hashable, ...]) -> Any:
-    """The first element of a tuple, as a ``key_of`` for :func:`group_by_slot`."""
-    return item[0]
+# KEYS[i] pairs with ARGV[3 + i]: first the guarded keys with the SHA-1 their value had when it
+# was read ("" for absent), then the keys to SET, then the keys to SET with the expiry ARGV[3].
+_WRITE_IF_UNCHANGED = """
+local guarded, plain, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 1, guarded do
+  local value = redis.call('GET', KEYS[i])
+  if (value and redis.sha1hex(value) or '') ~= ARGV[3 + i] then return 0 end
+end
+for i = guarded + 1, #KEYS do
+  if i <= guarded + plain then
+    redis.call('SET', KEYS[i], ARGV[3 + i])
+  else
+    redis.call('SET', KEYS[i], ARGV[3 + i], 'EX', ttl)
+  end
+end
+return 1
+"""
+
+
+def digest(value: bytes | None) -> str:
+    """What :func:`write_if_unchanged` compares a guarded key's value by ("" when absent)."""
+    return "" if value is None else hashlib.sha1(value, usedforsecurity=False).hexdigest()
+
+
+@dataclass
+class GuardedWrite:
+    """Writes to one slot that must happen only if the guarded keys still hold what was read.
+
+    The cluster's stand-in for WATCH/MULTI/EXEC over many slots: WATCH binds a connection to one
+    node and a transaction to one slot, so a batch spanning the cluster would need a connection
+    and three round trips per slot. A compare-and-set script per slot is atomic on its node and
+    all of them go out in one pipeline.
+    """
+
+    read: dict[str, bytes | None]
+    """Guarded key -> the value it had when read (None: absent)."""
+    writes: dict[str, bytes] = field(default_factory=dict)
+    expiring: dict[str, bytes] = field(default_factory=dict)
+    """Keys set with ``ttl`` seconds to live."""
+    ttl: int = 0
+
+    def _args(self) -> tuple[list[str], list[Any]]:
+        keys = [*self.read, *self.writes, *self.expiring]
+        args: list[Any] = [len(self.read), len(self.writes), self.ttl]
+        args += [digest(v) for v in self.read.values()]
+        args += [*self.writes.values(), *self.expiring.values()]
+        return keys, args
+
+
+def write_if_unchanged(client: redis.Redis, groups: Sequence[GuardedWrite]) -> list[bool]:
+    """Run every group's compare-and-set (each group's keys on one slot) in one pipeline.
+
+    Returns, per group, whether it was written; a group whose guarded keys changed since they
+    were read wrote nothing.
+    """
+    if not groups:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for group in groups:
+        keys, args = group._args()
+        pipe.execute_command("EVAL", _WRITE_IF_UNCHANGED, len(keys), *keys, *args)
+    return [bool(done) for done in pipe.execute()]

