@@ -17,6 +17,30 @@ from encoder_service.redis_connection import async_client, start_server, sync_cl
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+CLUSTER_MODULES = {
+    "tests/test_cluster.py",
+    "tests/test_store.py",
+    "tests/test_registry.py",
+    "tests/test_backup.py",
+    "tests/test_publish_sharded.py",
+    "tests/api/test_batch.py",
+    "tests/api/test_embeddings.py",
+    "tests/api/test_fastpath.py",
+    "tests/api/test_versions.py",
+    "tests/refresher/test_api_events.py",
+    "tests/refresher/test_cluster_commit.py",
+    "tests/refresher/test_consumer.py",
+    "tests/refresher/test_crash_many.py",
+    "tests/refresher/test_deadletter.py",
+    "tests/refresher/test_events.py",
+    "tests/refresher/test_restart.py",
+    "tests/versions/test_backfill_live.py",
+    "tests/versions/test_lifecycle.py",
+}
+"""Modules whose Redis paths differ on a Redis Cluster (bulk reads and writes, SCAN, the
+refresher's commit, publish's guarded backfill, backups, dead letters, the registry): marked
+``cluster``, so that ``pytest --redis-cluster -m cluster`` runs them again against a cluster."""
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
@@ -32,6 +56,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="Point redis_url and the client fixtures at a local 3-master Redis Cluster "
         "started for the session (run with -m cluster: the tests of every path that differs).",
     )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.as_posix().removeprefix(f"{REPO_ROOT.as_posix()}/") in CLUSTER_MODULES:
+            item.add_marker(pytest.mark.cluster)
 
 
 @pytest.fixture(scope="session")
