@@ -10,7 +10,9 @@ each helper is the plain command, unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -20,6 +22,10 @@ import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
 from redis.crc import key_slot
+from redis.utils import HIREDIS_AVAILABLE
+
+if HIREDIS_AVAILABLE:
+    import hiredis
 
 T = TypeVar("T")
 
@@ -69,12 +75,61 @@ def unlink(client: redis.Redis, keys: Sequence[str | bytes]) -> int:
 async def mget_async(
     client: redis.asyncio.Redis, keys: Sequence[str | bytes]
 ) -> list[bytes | None]:
-    """:func:`mget` over an asyncio client; the per-slot MGETs go to every node concurrently."""
+    """:func:`mget` over an asyncio client; the per-slot MGETs go to every node concurrently.
+
+    redis-py's ``mget_nonatomic`` costs about 50 us of Python per slot (a 1,000-user batch took
+    50 ms, against 1 ms for one MGET on one server), so the per-slot MGETs of each node are
+    written to one of its connections as a single packed pipeline and the replies read back
+    in order. Should the cluster's layout have changed (a MOVED reply, a node gone), the read
+    is redone through ``mget_nonatomic``, which follows redirections and refreshes the layout.
+    """
     if not keys:
         return []
-    if is_cluster(client):
-        return cast(list[bytes | None], await client.mget_nonatomic(keys))  # type: ignore[attr-defined]
-    return cast(list[bytes | None], await client.mget(keys))
+    if not is_cluster(client):
+        return cast(list[bytes | None], await client.mget(keys))
+    cluster_client = cast(redis.asyncio.cluster.RedisCluster, client)
+    await cluster_client.initialize()
+    by_slot: dict[int, list[int]] = {}
+    for position, key in enumerate(keys):
+        by_slot.setdefault(slot_of(key), []).append(position)
+    by_node: dict[str, tuple[Any, list[list[int]]]] = {}
+    nodes = cluster_client.nodes_manager
+    for slot, positions in by_slot.items():
+        node = nodes.get_node_from_slot(slot)
+        by_node.setdefault(node.name, (node, []))[1].append(positions)
+    values: list[bytes | None] = [None] * len(keys)
+
+    async def fetch(node: Any, groups: list[list[int]]) -> None:
+        connection = node.acquire_connection()
+        try:
+            # One deadline for the node's whole reply rather than one timer per reply, which
+            # cost more than parsing it.
+            async with asyncio.timeout(connection.socket_timeout):
+                await connection.send_packed_command(
+                    _pack([("MGET", *(keys[i] for i in group)) for group in groups], connection)
+                )
+                for group in groups:
+                    reply = await connection.read_response(timeout=math.inf)
+                    for i, value in zip(group, reply, strict=True):
+                        values[i] = value
+        except BaseException:
+            await connection.disconnect()  # replies may be left unread on it
+            raise
+        finally:
+            node.release(connection)
+
+    try:
+        await asyncio.gather(*(fetch(node, groups) for node, groups in by_node.values()))
+    except (redis.RedisError, OSError):
+        return cast(list[bytes | None], await cluster_client.mget_nonatomic(keys))
+    return values
+
+
+def _pack(commands: list[tuple[Any, ...]], connection: Any) -> Any:
+    """The commands as RESP, packed by hiredis when present (redis-py packs in Python)."""
+    if HIREDIS_AVAILABLE:
+        return b"".join(hiredis.pack_command(command) for command in commands)
+    return connection.pack_commands(commands)
 
 
 # KEYS[i] pairs with ARGV[3 + i]: first the guarded keys with the SHA-1 their value had when it
