@@ -21,6 +21,7 @@ from encoder_service import cluster
 from encoder_service.api.app import create_app
 from encoder_service.local_cluster import SLOTS, LocalCluster
 from encoder_service.redis_connection import async_client, is_cluster_deployment, sync_client
+from encoder_service.settings import get_settings
 from encoder_service.store import AsyncEmbeddingStore, EmbeddingStore, decode_rows, state_key
 from tests.api.conftest import DIM, api_client, bearer, make_settings, publish
 
@@ -153,3 +154,49 @@ async def test_the_api_serves_a_batch_spread_over_every_master_over_http(
         missing = await client.get("/v1/users/nobody/embedding")
         assert missing.status_code == 404
         assert missing.headers["content-type"].startswith("application/problem+json")
+
+
+@pytest.mark.parametrize("mode", ["true", "false"])
+def test_the_setting_overrides_what_the_server_says(
+    mode: str,
+    local_redis_cluster: LocalCluster,
+    valkey_server_factory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ENCODER_REDIS_CLUSTER", mode)
+    get_settings.cache_clear()
+    try:
+        assert is_cluster_deployment(local_redis_cluster.url) is (mode == "true")
+        single = valkey_server_factory(persistent=False)
+        assert is_cluster_deployment(single.connection_url) is (mode == "true")
+    finally:
+        monkeypatch.delenv("ENCODER_REDIS_CLUSTER")
+        get_settings.cache_clear()
+
+
+def test_a_guarded_write_lands_only_on_slots_left_unchanged(
+    cluster_client: redis.Redis, every_slot: list[str]
+) -> None:
+    users = every_slot[:: SLOTS // 30]  # about ten users per master
+    assert len({cluster.slot_of(state_key(u)) for u in users}) == len(users)
+    cluster.mset(cluster_client, {state_key(u): b"old" for u in users})
+    values = cluster.mget(cluster_client, [state_key(u) for u in users])
+    read = dict(zip(users, values, strict=True))
+    changed = set(users[::7])
+    for user in changed:  # another writer commits these users after the read
+        cluster_client.set(state_key(user), b"theirs")
+    groups = [
+        cluster.GuardedWrite(
+            {state_key(u): read[u]}, {state_key(u): b"new", f"emb:v1:{{{u}}}": b"e"}, {}, 0
+        )
+        for u in users
+    ]
+    assert cluster.write_if_unchanged(cluster_client, groups) == [u not in changed for u in users]
+    after = cluster.mget(cluster_client, [state_key(u) for u in users])
+    assert after == [b"theirs" if u in changed else b"new" for u in users]
+    embeddings = cluster.mget(cluster_client, [f"emb:v1:{{{u}}}" for u in users])
+    assert embeddings == [None if u in changed else b"e" for u in users]
+    # An absent key is guarded too: it must still be absent.
+    fresh = cluster.GuardedWrite({state_key("nobody-yet"): None}, {state_key("nobody-yet"): b"x"})
+    cluster_client.set(state_key("nobody-yet"), b"raced")
+    assert cluster.write_if_unchanged(cluster_client, [fresh]) == [False]
