@@ -19,7 +19,7 @@ import redis.cluster
 
 from encoder_service import cluster
 from encoder_service.api.app import create_app
-from encoder_service.local_cluster import SLOTS, LocalCluster
+from encoder_service.local_cluster import SLOTS, LocalCluster, local_cluster
 from encoder_service.redis_connection import async_client, is_cluster_deployment, sync_client
 from encoder_service.settings import get_settings
 from encoder_service.store import AsyncEmbeddingStore, EmbeddingStore, decode_rows, state_key
@@ -200,3 +200,46 @@ def test_a_guarded_write_lands_only_on_slots_left_unchanged(
     fresh = cluster.GuardedWrite({state_key("nobody-yet"): None}, {state_key("nobody-yet"): b"x"})
     cluster_client.set(state_key("nobody-yet"), b"raced")
     assert cluster.write_if_unchanged(cluster_client, [fresh]) == [False]
+
+
+def _move_slot(nodes: list[redis.Redis], slot: int, source: int, target: int) -> None:
+    """Reshard ``slot`` from node ``source`` to node ``target``, keys included, the way
+    ``valkey-cli --cluster reshard`` does."""
+    ids = [n.execute_command("CLUSTER", "MYID") for n in nodes]
+    nodes[target].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+    nodes[source].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+    keys = nodes[source].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+    port = nodes[target].connection_pool.connection_kwargs["port"]
+    nodes[source].execute_command("MIGRATE", "127.0.0.1", port, "", 0, 5000, "KEYS", *keys)
+    for node in nodes:
+        node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+
+
+async def test_reads_and_writes_follow_a_slot_moved_under_a_client(tmp_path) -> None:
+    with local_cluster(tmp_path, masters=MASTERS) as moving:
+        users = [f"u{i}" for i in range(300)]
+        keys = [state_key(u) for u in users]
+        client = sync_client(moving.url)
+        aclient = async_client(moving.url)
+        nodes = [redis.Redis(host="127.0.0.1", port=n.port) for n in moving.nodes]
+        try:
+            cluster.mset(client, {k: k.encode() for k in keys})
+            assert await cluster.mget_async(aclient, keys) == [k.encode() for k in keys]
+            slot = cluster.slot_of(keys[0])
+            source = next(i for i, n in enumerate(nodes) if n.cluster("COUNTKEYSINSLOT", slot))
+            _move_slot(nodes, slot, source, (source + 1) % MASTERS)
+            # Both clients still map the slot to its old node: the node answers MOVED, and
+            # the read is redone through redis-py, which follows it.
+            assert cluster.mget(client, keys) == [k.encode() for k in keys]
+            assert await cluster.mget_async(aclient, keys) == [k.encode() for k in keys]
+            cluster.mset(client, {keys[0]: b"after the move"})
+            written = cluster.write_if_unchanged(
+                client, [cluster.GuardedWrite({keys[0]: b"after the move"}, {keys[0]: b"cas"})]
+            )
+            assert written == [True]
+            assert nodes[(source + 1) % MASTERS].get(keys[0]) == b"cas"
+        finally:
+            for node in nodes:
+                node.close()
+            client.close()
+            await aclient.aclose()
