@@ -29,6 +29,14 @@ if HIREDIS_AVAILABLE:
 
 T = TypeVar("T")
 
+STORE_ERRORS: tuple[type[Exception], ...] = (
+    redis.RedisError,
+    redis.exceptions.RedisClusterException,
+)
+"""What a Redis call can raise for reasons of the store rather than the data: redis-py's cluster
+client raises ``RedisClusterException`` (not a ``RedisError``) when no node answers or a slot
+has no node."""
+
 
 def is_cluster(client: Any) -> bool:
     """Whether ``client`` is a cluster client (sync or asyncio)."""
@@ -60,7 +68,7 @@ def mget(client: redis.Redis, keys: Sequence[str | bytes]) -> list[bytes | None]
     commands = [(slot, ("MGET", *(keys[i] for i in group))) for slot, group in by_slot.items()]
     try:
         replies = _per_node(client, commands)
-    except (redis.RedisError, OSError):
+    except (*STORE_ERRORS, OSError):
         return cast(list[bytes | None], client.mget_nonatomic(keys))  # type: ignore[attr-defined]
     values: list[bytes | None] = [None] * len(keys)
     for group, reply in zip(by_slot.values(), replies, strict=True):
@@ -81,7 +89,7 @@ def mset(client: redis.Redis, mapping: Mapping[Any, bytes]) -> None:
         by_slot.setdefault(slot_of(key), []).extend((key, value))
     try:
         _per_node(client, [(slot, ("MSET", *pairs)) for slot, pairs in by_slot.items()])
-    except (redis.RedisError, OSError):
+    except (*STORE_ERRORS, OSError):
         client.mset_nonatomic(mapping)  # type: ignore[attr-defined]
 
 
@@ -173,7 +181,7 @@ async def mget_async(
 
     try:
         await asyncio.gather(*(fetch(node, groups) for node, groups in by_node.values()))
-    except (redis.RedisError, OSError):
+    except (*STORE_ERRORS, OSError):
         return cast(list[bytes | None], await cluster_client.mget_nonatomic(keys))
     return values
 
@@ -249,7 +257,7 @@ def write_if_unchanged(client: redis.Redis, groups: Sequence[GuardedWrite]) -> l
     if is_cluster(client):
         try:
             return [bool(done) for done in _per_node(client, commands)]
-        except (redis.RedisError, OSError):
+        except (*STORE_ERRORS, OSError):
             # Redone through redis-py; a group written before the error now differs from what
             # was read, so it reports a conflict and its caller reads it again.
             pass

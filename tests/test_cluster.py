@@ -243,3 +243,19 @@ async def test_reads_and_writes_follow_a_slot_moved_under_a_client(tmp_path) -> 
                 node.close()
             client.close()
             await aclient.aclose()
+
+
+async def test_the_api_answers_503_while_the_cluster_is_down(tmp_path) -> None:
+    with local_cluster(tmp_path, masters=MASTERS) as down:
+        with sync_client(down.url) as client:
+            publish(client, "v1", ["u1", "u2"], seed=1, promote=True)
+        app = create_app(make_settings(down.url))
+        async with api_client(app, "asgi", bearer("read")) as api:
+            assert (await api.get("/v1/users/u1/embedding")).status_code == 200
+            for node in down.nodes:
+                node.stop()
+            for path in ("/v1/users/u2/embedding", "/readyz"):
+                reply = await api.get(path)
+                assert reply.status_code == 503, reply.text
+                assert reply.json()["type"].endswith(":store-unavailable")
+                assert "retry-after" in reply.headers

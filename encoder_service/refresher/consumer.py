@@ -186,7 +186,7 @@ class Refresher:
                         ahead = reader.submit(self.read_new, stop)
                         self.process(entries)
                     failures = 0
-                except redis.RedisError as exc:
+                except cluster.STORE_ERRORS as exc:
                     # Unreachable, failing over, out of memory, a stream deleted: wait it out.
                     # The batch in flight (and any read ahead) is still pending under this
                     # consumer, so take that up first.
@@ -211,7 +211,7 @@ class Refresher:
             entries = ahead.result()
             if entries:
                 self.process(entries)
-        except redis.RedisError as exc:
+        except cluster.STORE_ERRORS as exc:
             log.warning("read-ahead batch left pending (%s)", exc)
 
     def read_new(self, stop: threading.Event | None = None) -> list[Entry]:
@@ -348,7 +348,7 @@ class Refresher:
         encoders = self.versions.encoders
         try:
             result = self._commit(batch)
-        except redis.RedisError:
+        except cluster.STORE_ERRORS:
             raise  # the store, not the data: the loop waits and retries
         except Exception as exc:
             metrics.FAILURES.labels(type(exc).__name__).inc()
@@ -428,7 +428,7 @@ class Refresher:
             try:
                 result.extend(self._commit(Batch(events=events)))
                 continue
-            except redis.RedisError:
+            except cluster.STORE_ERRORS:
                 raise
             except Exception as exc:
                 metrics.FAILURES.labels(type(exc).__name__).inc()
