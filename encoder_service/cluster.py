@@ -3,9 +3,10 @@
 A cluster refuses a multi-key command (MGET, MSET, a transaction) whose keys hash to different
 slots. A user's keys share the hash tag ``{<user_id>}``, so everything about one user is on one
 slot, but a bulk read or write over many users is not: here it is split into one command per
-slot, sent as one pipeline that redis-py's cluster client fans out to every node at once (the
-asyncio client concurrently), and the replies come back in request order. On a single server
-each helper is the plain command, unchanged.
+slot, each node's commands are written at once on one of its connections, every node works at
+the same time, and the replies come back in request order. On a single server each helper is
+the plain command, unchanged. Guarded writes over many slots, the cluster's stand-in for one
+WATCH/MULTI/EXEC, are :class:`GuardedWrite` and :func:`write_if_unchanged`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -48,7 +49,7 @@ def slot_of(key: str | bytes) -> int:
     return int(key_slot(key.encode() if isinstance(key, str) else key))
 
 
-def group_by_slot(items: Iterable[T], key_of: Any) -> dict[int, list[T]]:
+def group_by_slot(items: Iterable[T], key_of: Callable[[T], str | bytes]) -> dict[int, list[T]]:
     """``items`` grouped by the slot of ``key_of(item)``, each group in input order."""
     groups: dict[int, list[T]] = {}
     for item in items:
@@ -126,11 +127,6 @@ def _per_node(client: redis.Redis, commands: Sequence[tuple[int, tuple[Any, ...]
         for pool, connection, _ in taken:
             pool.release(connection)
     return replies
-
-
-def unlink(client: redis.Redis, keys: Sequence[str | bytes]) -> int:
-    """UNLINK any keys (the cluster client already splits it by slot); returns the count."""
-    return int(client.unlink(*keys)) if keys else 0
 
 
 async def mget_async(
@@ -212,7 +208,7 @@ return 1
 """
 
 
-def digest(value: bytes | None) -> str:
+def _digest(value: bytes | None) -> str:
     """What :func:`write_if_unchanged` compares a guarded key's value by ("" when absent)."""
     return "" if value is None else hashlib.sha1(value, usedforsecurity=False).hexdigest()
 
@@ -237,7 +233,7 @@ class GuardedWrite:
     def _args(self) -> tuple[list[str], list[Any]]:
         keys = [*self.read, *self.writes, *self.expiring]
         args: list[Any] = [len(self.read), len(self.writes), self.ttl]
-        args += [digest(v) for v in self.read.values()]
+        args += [_digest(v) for v in self.read.values()]
         args += [*self.writes.values(), *self.expiring.values()]
         return keys, args
 

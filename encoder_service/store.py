@@ -303,6 +303,7 @@ class AsyncEmbeddingStore:
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self.client = client
         self._reader = CoalescingReader(client)
+        self._cluster = cluster.is_cluster(client)
 
     async def read_embedding(self, version: str, user_id: str) -> tuple[bytes | None, bytes | None]:
         """The raw embedding and the user's meta record, in one MGET (one slot, one trip)."""
@@ -325,7 +326,7 @@ class AsyncEmbeddingStore:
             keys += [f"meta:{{{u}}}" for u in user_ids]
         if not keys:
             return [], [] if with_meta else None
-        if cluster.is_cluster(self.client):
+        if self._cluster:
             values = await cluster.mget_async(self.client, keys)
         elif len(keys) <= READ_BATCH:
             values = cast(list[bytes | None], await self.client.mget(keys))
