@@ -27,8 +27,11 @@ $(STAMP): $(BIN)/python pyproject.toml downstream_adapters/pyproject.toml
 demo: $(STAMP)
 	$(BIN)/encoder-service demo
 
+# The whole suite on one Valkey, then the tests of every Redis path that differs on a cluster
+# (marked `cluster`) again on a local 3-master Redis Cluster.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --redis-cluster -m cluster
 
 lint: $(STAMP)
 	$(BIN)/ruff check encoder_service downstream_adapters tests benchmarks

@@ -28,6 +28,7 @@ import orjson
 import redis
 import redis.asyncio
 
+from encoder_service.cluster import STORE_ERRORS
 from encoder_service.registry import RegistryError
 
 log = logging.getLogger("encoder_service.audit")
@@ -120,7 +121,7 @@ class AuditLog:
             entry_id = self.client.xadd(
                 AUDIT_KEY, entry._fields(), maxlen=self.maxlen, approximate=True
             )
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             log.error("audit entry for %s not stored in Redis: %s", entry.action, exc)
             return entry
         return _stored(entry_id, entry)
@@ -183,7 +184,7 @@ class AsyncAuditLog:
             entry_id = await self.client.xadd(
                 AUDIT_KEY, entry._fields(), maxlen=self.maxlen, approximate=True
             )
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             log.error("audit entry for %s not stored in Redis: %s", entry.action, exc)
             return entry
         return _stored(entry_id, entry)

@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import redis
 
-from encoder_service import __version__
+from encoder_service import __version__, cluster
 from encoder_service.registry import (
     ACTIVE_KEY,
     VERSIONS_KEY,
@@ -136,7 +136,7 @@ def _read_users(client: redis.Redis, version: str, users: Sequence[str]) -> list
     keys: list[str] = []
     for user in users:
         keys += [f"emb:{version}:{{{user}}}", f"state:{{{user}}}", f"meta:{{{user}}}"]
-    values = cast(list[bytes | None], client.mget(keys))
+    values = cluster.mget(client, keys)
     return [values[i : i + 3] for i in range(0, len(values), 3)]
 
 
@@ -380,7 +380,7 @@ def _import_users(
             _check_row(user, emb, width, counts.users + offset + 1)
         existing: list[bytes | None] = [None] * len(users)
         if not replace_states:
-            existing = cast(list[bytes | None], client.mget([f"state:{{{u}}}" for u in users]))
+            existing = cluster.mget(client, [f"state:{{{u}}}" for u in users])
         writes: dict[str, bytes] = {}
         for user, emb, state, meta, had in zip(users, embs, states, metas, existing, strict=True):
             if emb is not None:
@@ -396,7 +396,7 @@ def _import_users(
             if meta is not None:
                 writes[f"meta:{{{user}}}"] = meta
         if writes:
-            client.mset(writes)
+            cluster.mset(client, writes)
             _verify(client, writes)
         counts.users += len(users)
         counts.embeddings += sum(e is not None for e in embs)
@@ -406,7 +406,7 @@ def _import_users(
 def _verify(client: redis.Redis, written: dict[str, bytes]) -> None:
     """Read back every key just written and compare its bytes."""
     keys = list(written)
-    for key, stored in zip(keys, client.mget(keys), strict=True):
+    for key, stored in zip(keys, cluster.mget(client, keys), strict=True):
         if stored != written[key]:
             raise BackupError(f"{key} did not read back as written: the import is not verified")
 

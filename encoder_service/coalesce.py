@@ -10,9 +10,12 @@ flight it replaces 32 round trips by one.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Sequence
 
 import redis.asyncio
+
+from encoder_service import cluster
 
 MAX_KEYS_PER_MGET = 2048
 
@@ -20,8 +23,8 @@ MAX_KEYS_PER_MGET = 2048
 class CoalescingReader:
     """``await reader.mget(keys)`` behaves like ``client.mget(keys)``, batched with its peers.
 
-    All keys of one call must live on one slot when the server is a cluster (a user's keys
-    share a hash tag); a cluster-aware version would group the batch by slot before sending.
+    On a cluster the gathered keys span many slots, so the MGET is split per slot and sent
+    to every node at once (:func:`encoder_service.cluster.mget_async`).
     """
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
@@ -29,6 +32,12 @@ class CoalescingReader:
         self._pending: list[tuple[Sequence[str], asyncio.Future[list[bytes | None]]]] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        # Chosen once: the single-server hot path stays one plain MGET call.
+        self._mget = (
+            functools.partial(cluster.mget_async, client)
+            if cluster.is_cluster(client)
+            else client.mget
+        )
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         loop = asyncio.get_running_loop()
@@ -56,7 +65,7 @@ class CoalescingReader:
     ) -> None:
         keys = [key for request_keys, _ in chunk for key in request_keys]
         try:
-            values = await self.client.mget(keys)
+            values = await self._mget(keys)
         except BaseException as exc:  # every waiter must hear about it, then re-raise
             for _, future in chunk:
                 if not future.done():

@@ -35,6 +35,7 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
+from encoder_service import cluster
 from encoder_service.alignment import KINDS, AlignmentError, AlignmentMap, align_versions
 from encoder_service.encoder import Encoder, ModelArtifacts
 from encoder_service.features.catalog import ItemCatalog
@@ -415,7 +416,18 @@ def _write_current(
 ) -> int:
     """Encode ``users`` from their current states and write the embeddings, unless a state
     changed meanwhile (WATCH); a conflicting batch is halved and retried. Returns users written.
+
+    On a Redis Cluster the guard is per slot (:func:`_try_write_per_slot`): only the users of a
+    slot that changed are read and encoded again.
     """
+    if cluster.is_cluster(client):
+        written = 0
+        for _ in range(MAX_CONFLICTS):
+            done, users = _try_write_per_slot(client, encoder, users, translations)
+            written += done
+            if not users:
+                return written
+        raise PublishConflictError(f"user {users[0]!r} kept changing during {MAX_CONFLICTS} tries")
     for _ in range(MAX_CONFLICTS):
         try:
             return _try_write(client, encoder, users, translations)
@@ -426,6 +438,27 @@ def _write_current(
                     _write_current(client, encoder, users[mid:], translations)
                 )
     raise PublishConflictError(f"user {users[0]!r} kept changing during {MAX_CONFLICTS} tries")
+
+
+def _encode_present(
+    encoder: Encoder,
+    users: Sequence[str],
+    blobs: Sequence[bytes | None],
+    translations: Mapping[str, list[CatalogTranslation]],
+) -> tuple[list[tuple[str, bytes]], list[bytes], dict[str, bytes]]:
+    """The users that have a state, their encoded embeddings, and the states that gained
+    translated item sums (to be written back)."""
+    present = [(u, b) for u, b in zip(users, blobs, strict=True) if b is not None]
+    if not present:
+        return [], [], {}
+    states = [FeatureState.from_bytes(b) for _, b in present]
+    filled = {
+        state_key(u): s.to_bytes()
+        for (u, _), s in zip(present, states, strict=True)
+        if fill_missing_sums(s, translations)
+    }
+    values = encode_embeddings(encoder.encode_states(states), encoder.dtype)  # type: ignore[arg-type]
+    return present, values, filled
 
 
 def _try_write(
@@ -439,16 +472,9 @@ def _try_write(
     with client.pipeline(transaction=True) as pipe:
         pipe.watch(*keys)
         blobs = pipe.mget(keys)
-        present = [(u, b) for u, b in zip(users, blobs, strict=True) if b is not None]
+        present, values, filled = _encode_present(encoder, users, blobs, translations)
         if not present:
             return 0
-        states = [FeatureState.from_bytes(b) for _, b in present]
-        filled = {
-            state_key(u): s.to_bytes()
-            for (u, _), s in zip(present, states, strict=True)
-            if fill_missing_sums(s, translations)
-        }
-        values = encode_embeddings(encoder.encode_states(states), encoder.dtype)  # type: ignore[arg-type]
         pipe.multi()
         keys = [embedding_key(encoder.version, u) for u, _ in present]
         pipe.mset(dict(zip(keys, values, strict=True)))
@@ -456,6 +482,38 @@ def _try_write(
             pipe.mset(filled)
         pipe.execute()
     return len(present)
+
+
+def _try_write_per_slot(
+    client: redis.Redis,
+    encoder: Encoder,
+    users: Sequence[str],
+    translations: Mapping[str, list[CatalogTranslation]],
+) -> tuple[int, list[str]]:
+    """:func:`_try_write` on a cluster: one compare-and-set per slot on the users' states.
+
+    Returns the users written and the users whose slot saw a state change meanwhile.
+    """
+    blobs = cluster.mget(client, [state_key(u) for u in users])
+    present, values, filled = _encode_present(encoder, users, blobs, translations)
+    rows = cluster.group_by_slot(range(len(present)), lambda i: state_key(present[i][0]))
+    groups = []
+    for members in rows.values():
+        group = cluster.GuardedWrite({state_key(present[i][0]): present[i][1] for i in members})
+        for i in members:
+            user = present[i][0]
+            group.writes[embedding_key(encoder.version, user)] = values[i]
+            if state_key(user) in filled:
+                group.writes[state_key(user)] = filled[state_key(user)]
+        groups.append(group)
+    written, conflicted = 0, []
+    done_per_slot = cluster.write_if_unchanged(client, groups)
+    for members, done in zip(rows.values(), done_per_slot, strict=True):
+        if done:
+            written += len(members)
+        else:
+            conflicted += [present[i][0] for i in members]
+    return written, conflicted
 
 
 def _touched_since(client: redis.Redis, since: float, known: set[str]) -> list[str]:
@@ -466,7 +524,7 @@ def _touched_since(client: redis.Redis, since: float, known: set[str]) -> list[s
     late: list[str] = []
     for lo in range(0, len(users), READ_BATCH):
         chunk = users[lo : lo + READ_BATCH]
-        metas = client.mget([meta_key(u) for u in chunk])
+        metas = cluster.mget(client, [meta_key(u) for u in chunk])
         for user, raw in zip(chunk, metas, strict=True):
             if user not in known or decode_meta(raw)[0] >= since:
                 late.append(user)

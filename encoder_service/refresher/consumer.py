@@ -31,6 +31,7 @@ from typing import Any
 import redis
 from redis.backoff import ExponentialBackoff
 
+from encoder_service import cluster
 from encoder_service.data.contract import ContractError
 from encoder_service.events import parse_entries, stream_keys
 from encoder_service.refresher import metrics
@@ -48,6 +49,8 @@ RETRY_WAIT_S = 1.0
 RETRY_BACKOFF = ExponentialBackoff(cap=5.0, base=0.25)
 """Waits between loop attempts while Redis fails: 0.5 s doubling to 5 s, so a blip costs half a
 second and a long outage is polled gently (redis-py has already retried each command)."""
+CLUSTER_POLL_MS = 5
+"""How often a refresher reading several shards of a Redis Cluster polls them for entries."""
 GAUGE_INTERVAL_S = 5.0
 FORGET_CONSUMER_AFTER_MS = 3_600_000
 CRASH_FACTOR = 2
@@ -183,7 +186,7 @@ class Refresher:
                         ahead = reader.submit(self.read_new, stop)
                         self.process(entries)
                     failures = 0
-                except redis.RedisError as exc:
+                except cluster.STORE_ERRORS as exc:
                     # Unreachable, failing over, out of memory, a stream deleted: wait it out.
                     # The batch in flight (and any read ahead) is still pending under this
                     # consumer, so take that up first.
@@ -208,19 +211,15 @@ class Refresher:
             entries = ahead.result()
             if entries:
                 self.process(entries)
-        except redis.RedisError as exc:
+        except cluster.STORE_ERRORS as exc:
             log.warning("read-ahead batch left pending (%s)", exc)
 
     def read_new(self, stop: threading.Event | None = None) -> list[Entry]:
         """Block for new entries, then gather more until the batch is full or its time is up."""
         config = self.config
         streams = {stream: ">" for stream in config.streams}
-        reply = self.client.xreadgroup(
-            config.group,
-            config.consumer,
-            streams,  # type: ignore[arg-type]
-            count=max(1, config.batch_max_events // len(streams)),
-            block=config.block_ms,
+        reply = self._read_group(
+            streams, max(1, config.batch_max_events // len(streams)), config.block_ms
         )
         entries = _entries(reply or [])
         if not entries:
@@ -230,17 +229,42 @@ class Refresher:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0:
                 break
-            reply = self.client.xreadgroup(
-                config.group,
-                config.consumer,
-                streams,  # type: ignore[arg-type]
-                count=max(1, (config.batch_max_events - len(entries)) // len(streams)),
-                block=remaining_ms,
+            reply = self._read_group(
+                streams,
+                max(1, (config.batch_max_events - len(entries)) // len(streams)),
+                remaining_ms,
             )
             if not reply:
                 break
             entries += _entries(reply)
         return entries
+
+    def _read_group(self, streams: dict[str, str], count: int, block_ms: int) -> Any:
+        """XREADGROUP over ``streams``, blocking up to ``block_ms`` for the first entry.
+
+        A cluster refuses one XREADGROUP over streams on different slots, and blocking on each
+        in turn would hold up the others; there every stream is read without blocking in one
+        pipeline (fanned out to the nodes), polled every ``CLUSTER_POLL_MS`` until one has
+        entries or the time is up. A refresher reading one shard blocks as on one server.
+        """
+        config = self.config
+        if len(streams) == 1 or not cluster.is_cluster(self.client):
+            return self.client.xreadgroup(
+                config.group,
+                config.consumer,
+                streams,  # type: ignore[arg-type]
+                count=count,
+                block=block_ms,
+            )
+        deadline = time.monotonic() + block_ms / 1000
+        while True:
+            pipe = self.client.pipeline(transaction=False)
+            for stream, cursor in streams.items():
+                pipe.xreadgroup(config.group, config.consumer, {stream: cursor}, count=count)
+            reply = [found for replies in pipe.execute() for found in replies or []]
+            if reply or time.monotonic() >= deadline:
+                return reply
+            time.sleep(min(CLUSTER_POLL_MS / 1000, max(0.0, deadline - time.monotonic())))
 
     def drain_own_pending(self) -> int:
         """Process the entries a previous run under this consumer name read but never resolved.
@@ -324,7 +348,7 @@ class Refresher:
         encoders = self.versions.encoders
         try:
             result = self._commit(batch)
-        except redis.RedisError:
+        except cluster.STORE_ERRORS:
             raise  # the store, not the data: the loop waits and retries
         except Exception as exc:
             metrics.FAILURES.labels(type(exc).__name__).inc()
@@ -404,7 +428,7 @@ class Refresher:
             try:
                 result.extend(self._commit(Batch(events=events)))
                 continue
-            except redis.RedisError:
+            except cluster.STORE_ERRORS:
                 raise
             except Exception as exc:
                 metrics.FAILURES.labels(type(exc).__name__).inc()

@@ -20,6 +20,7 @@ from typing import cast
 import redis
 from redis.client import Pipeline
 
+from encoder_service import cluster
 from encoder_service.data.contract import check_id
 from encoder_service.events import stream_for
 
@@ -138,6 +139,11 @@ def replay(
     have been dead-lettered twice (two consumers that both held it, one of them stalled past
     ``claim_idle_ms``), it is appended once and every copy removed.
 
+    On a Redis Cluster the user's stream and ``events:dead`` are on different slots, so a move
+    is the append, then the removal: a crash between them leaves the dead letter, and
+    replaying it again appends the event a second time (an ``idempotency_key`` makes that
+    harmless); two operators replaying the same entry at once may both append it.
+
     Args:
         ids: dead-letter ids to replay; None replays every dead letter.
 
@@ -160,13 +166,32 @@ def replay(
     moved: list[tuple[str, str]] = []
     for origin in dict.fromkeys(origin_of[i] for i in wanted):
         group = copies[origin]
-        results = client.transaction(
-            functools.partial(_queue_move, copies=group, shards=shards, maxlen=maxlen),
-            DEAD_LETTER_KEY,
-        )
+        if cluster.is_cluster(client):
+            results = _move_on_cluster(client, group, shards=shards, maxlen=maxlen)
+        else:
+            results = client.transaction(
+                functools.partial(_queue_move, copies=group, shards=shards, maxlen=maxlen),
+                DEAD_LETTER_KEY,
+            )
         if results:
             moved.append((group[0], results[0].decode()))
     return moved
+
+
+def _move_on_cluster(
+    client: redis.Redis, copies: list[str], *, shards: int, maxlen: int
+) -> list[bytes]:
+    """:func:`_queue_move` without the transaction a cluster cannot run across two slots:
+    append the first copy's fields to the user's stream, then remove every copy."""
+    found = cast(Entries, client.xrange(DEAD_LETTER_KEY, min=copies[0], max=copies[0]))
+    if not found:
+        return []
+    _, fields = found[0]
+    original = _original(fields)
+    stream = _target(_text(fields.get(b"stream", b"")), original, shards)
+    new_id = client.xadd(stream, original, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+    client.xdel(DEAD_LETTER_KEY, *copies)
+    return [cast(bytes, new_id)]
 
 
 def _queue_move(pipe: Pipeline, copies: list[str], shards: int, maxlen: int) -> None:

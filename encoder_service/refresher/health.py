@@ -35,7 +35,11 @@ def readiness(
     """The status code and body of ``/readyz``."""
     try:
         status = observe_group(client, group, streams)
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+    except (
+        redis.ConnectionError,
+        redis.TimeoutError,
+        redis.exceptions.RedisClusterException,
+    ) as exc:
         return 503, {"status": "unavailable", "reason": f"Redis is unreachable: {exc}"}
     loaded = sorted(versions.encoders)
     body: dict[str, Any] = {

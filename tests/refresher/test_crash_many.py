@@ -32,6 +32,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from encoder_service import cluster
 from encoder_service.data.contract import Event
 from encoder_service.encoder import Encoder
 from encoder_service.events import append_events, stream_for, stream_keys
@@ -138,7 +139,8 @@ def _logged(logs: Path, pattern: re.Pattern[bytes]) -> int:
 def _snapshots(
     client: redis.Redis, users: list[str], stop: threading.Event
 ) -> list[tuple[str, str, str, int, dict]]:
-    """While the run lasts, read every user's state and meta in one MGET (atomic) now and then.
+    """While the run lasts, read every user's state and meta now and then, each user atomically
+    (one MGET; on a cluster one per slot, and a user's keys share one).
 
     Returns ``(user, stream, last applied id, events applied, profile)`` per user seen: what
     the per-user ordering check compares with the stream.
@@ -146,7 +148,7 @@ def _snapshots(
     seen: list[tuple[str, str, str, int, dict]] = []
     keys = [k for u in users for k in (state_key(u), meta_key(u))]
     while not stop.wait(SNAPSHOT_EVERY_S):
-        values = client.mget(keys)
+        values = cluster.mget(client, keys)
         for k, user in enumerate(users):
             state, meta = values[2 * k], values[2 * k + 1]
             if state is None or meta is None:
