@@ -84,7 +84,8 @@ class ItemCatalog:
 
     @property
     def taste_dim(self) -> int:
-        """Leading coordinates that describe the item itself (content or co-occurrence)."""
+        """Leading coordinates that describe the item itself: its vector (content or
+        co-occurrence), then its attributes when the catalogue has any."""
         return self.dim - self.popularity_width
 
     def lookup(

@@ -90,6 +90,9 @@ class FeatureSchema:
     contexts: tuple[str, ...]
     profile_fields: tuple[ProfileField, ...]
     item_vector_dim: int
+    item_attributes: tuple[str, ...] = ()
+    """Numeric item attributes whose weighted means enter the ``item_attributes`` group; the
+    catalogue's vectors hold them, standardised, right after the item vector."""
     popularity_bins: int = 0
     """Bins of the item-popularity histogram (``features.popularity``); 0: no popularity group."""
     half_lives_days: tuple[float, ...] = HALF_LIVES_DAYS
@@ -140,7 +143,10 @@ class FeatureSchema:
             "half_lives_days": list(self.half_lives_days),
             "rhythm_half_life_days": self.rhythm_half_life_days,
         }
-        if self.popularity_bins:  # schemas without popularity keep the hash they had
+        # schemas without attributes or popularity keep the hash they had
+        if self.item_attributes:
+            data["item_attributes"] = list(self.item_attributes)
+        if self.popularity_bins:
             data["popularity_bins"] = self.popularity_bins
         data["groups"] = [
             {
@@ -171,6 +177,7 @@ class FeatureSchema:
                 for f in data["profile_fields"]
             ),
             item_vector_dim=data["item_vector_dim"],
+            item_attributes=tuple(data.get("item_attributes", ())),
             popularity_bins=data.get("popularity_bins", 0),
             half_lives_days=tuple(data["half_lives_days"]),
             rhythm_half_life_days=data["rhythm_half_life_days"],
@@ -210,6 +217,16 @@ def _layout(schema: FeatureSchema) -> list[Group]:
                 tuple(
                     segment(f"item_taste_{h}", SegmentKind.DENSE, schema.item_vector_dim)
                     for h in horizons
+                ),
+            )
+        )
+    if schema.item_attributes:
+        width = len(schema.item_attributes)
+        groups.append(
+            Group(
+                "item_attributes",
+                tuple(
+                    segment(f"item_attributes_{h}", SegmentKind.DENSE, width) for h in horizons
                 ),
             )
         )

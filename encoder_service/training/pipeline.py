@@ -89,14 +89,14 @@ def prepare_features(
 ) -> PreparedFeatures:
     """Item vectors, catalogue, schema, every user's state and the feature matrix.
 
-    ``popularity_bins`` > 0 extends the item vectors with popularity coordinates (see
-    ``features.popularity``); 0 leaves them out.
+    The catalogue's vectors are the item vectors, then the items' numeric attributes, then
+    (``popularity_bins`` > 0) their popularity coordinates (see ``features.popularity``).
     """
     vectors = _item_vectors(dataset, item_vector_dim, seed)
     catalog = build_catalog(dataset, vectors, popularity_bins)
     schema = fit_schema(
         dataset,
-        item_vector_dim=catalog.taste_dim,
+        item_vector_dim=vectors.shape[1],
         popularity_bins=popularity_bins,
         exclude_profile=exclude_profile,
     )
