@@ -15,12 +15,8 @@ from typing import Any
 
 import orjson
 
-SCHEMA_FORMAT = 2
-"""Bumped whenever the vectorisation code changes meaning, so old manifests stop matching.
-
-2: the ``item_taste`` group also holds the norm of each horizon's mean item vector. A schema
-read from an older manifest keeps its own format, and so the layout its encoder was trained on.
-"""
+SCHEMA_FORMAT = 1
+"""Bumped whenever the vectorisation code changes meaning, so old manifests stop matching."""
 
 HALF_LIVES_DAYS: tuple[float, ...] = (7.0, 60.0, 365.0)
 """Short, medium and long-term memory of the decayed aggregates."""
@@ -215,13 +211,15 @@ def _layout(schema: FeatureSchema) -> list[Group]:
         )
     )
     if schema.item_vector_dim > 0:
-        taste = [
-            segment(f"item_taste_{h}", SegmentKind.DENSE, schema.item_vector_dim)
-            for h in horizons
-        ]
-        if schema.format >= 2:
-            taste.append(segment("item_taste_norm", SegmentKind.DENSE, len(horizons)))
-        groups.append(Group("item_taste", tuple(taste)))
+        groups.append(
+            Group(
+                "item_taste",
+                tuple(
+                    segment(f"item_taste_{h}", SegmentKind.DENSE, schema.item_vector_dim)
+                    for h in horizons
+                ),
+            )
+        )
     if schema.item_attributes:
         width = len(schema.item_attributes)
         groups.append(

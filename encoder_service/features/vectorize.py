@@ -99,11 +99,6 @@ class Vectorizer:
                 if end > start:
                     seg = self._segments[f"{name}_{horizon}"]
                     x[:, seg.start : seg.end] = means[:, h, start:end]
-        norm = self._segments.get("item_taste_norm")
-        if norm is not None:
-            # How concentrated the taste is: the mean of unit item vectors is long when a user
-            # picks alike items and short for a scattered (or random) choice.
-            x[:, norm.start : norm.end] = np.linalg.norm(means[:, :, :taste], axis=2)
         if popularity:
             seg = self._segments["popularity_log_count"]
             x[:, seg.start : seg.end] = means[:, :, pop + bins]

@@ -198,27 +198,3 @@ def test_schema_hash_is_stable_and_sensitive() -> None:
     assert FeatureSchema(**{**base, "categories": ("a", "c")}).hash != one.hash
     assert FeatureSchema(**{**base, "item_vector_dim": 8}).hash != one.hash
 
-
-def test_taste_norm_is_the_length_of_the_mean_item_vector(built) -> None:
-    dataset, catalog, schema = built
-    _, states = build_states(dataset, {catalog.hash: catalog})
-    x = Vectorizer(schema, catalog.hash)(states)
-    segments = {s.name: s for g in schema.groups for s in g.segments}
-    norm = segments["item_taste_norm"]
-    for k, horizon in enumerate(("7d", "60d", "365d")):
-        taste = segments[f"item_taste_{horizon}"]
-        np.testing.assert_allclose(
-            x[:, norm.start + k], np.linalg.norm(x[:, taste.start : taste.end], axis=1), rtol=1e-5
-        )
-
-
-def test_a_format_1_schema_keeps_its_layout_and_hash() -> None:
-    base = dict(
-        categories=("a",), event_types=(), contexts=(), profile_fields=(), item_vector_dim=4
-    )
-    old, new = FeatureSchema(**base, format=1), FeatureSchema(**base)
-    names = [s.name for s in old.group("item_taste").segments]
-    assert names == ["item_taste_7d", "item_taste_60d", "item_taste_365d"]
-    assert new.group("item_taste").segments[-1].name == "item_taste_norm"
-    assert new.input_dim == old.input_dim + 3
-    assert FeatureSchema.from_dict(old.to_dict()).hash == old.hash != new.hash
