@@ -225,9 +225,7 @@ def _layout(schema: FeatureSchema) -> list[Group]:
         groups.append(
             Group(
                 "item_attributes",
-                tuple(
-                    segment(f"item_attributes_{h}", SegmentKind.DENSE, width) for h in horizons
-                ),
+                tuple(segment(f"item_attributes_{h}", SegmentKind.DENSE, width) for h in horizons),
             )
         )
     if schema.popularity_bins > 0:

@@ -197,4 +197,3 @@ def test_schema_hash_is_stable_and_sensitive() -> None:
     assert FeatureSchema.from_dict(one.to_dict()).hash == one.hash
     assert FeatureSchema(**{**base, "categories": ("a", "c")}).hash != one.hash
     assert FeatureSchema(**{**base, "item_vector_dim": 8}).hash != one.hash
-
