@@ -25,6 +25,7 @@ from encoder_service.data.movielens import load_movielens
 from encoder_service.data.tables import Dataset
 from encoder_service.encoder import Encoder
 from encoder_service.features.build import build_states
+from encoder_service.features.popularity import POPULARITY_BINS
 from encoder_service.training.pipeline import train_version
 from encoder_service.training.train import TrainConfig
 
@@ -146,6 +147,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--embedding-dim", type=int, default=64)
     parser.add_argument("--item-vector-dim", type=int, default=32)
+    parser.add_argument(
+        "--popularity-bins",
+        type=int,
+        default=POPULARITY_BINS,
+        help="item-popularity histogram bins in the features (0: no popularity group)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     dataset = load_movielens(args.movielens)
@@ -161,6 +168,7 @@ def main() -> None:
             out_dir=Path(folder),
             config=config,
             item_vector_dim=args.item_vector_dim,
+            popularity_bins=args.popularity_bins,
             exclude_profile=LABEL_FIELDS,
             progress=False,
         )

@@ -16,7 +16,11 @@ Tables (column names are exact; extra columns are ignored unless stated):
     the others categorical. When given, every event's user must be in it.
 ``items`` (optional)
     ``item_id``, optional ``categories`` (names joined by ``|``), optional ``vector``
-    (a content vector: a list column in Parquet, floats separated by spaces in CSV).
+    (a content vector: a list column in Parquet, floats separated by spaces in CSV), and any
+    number (up to 32) of numeric *item attribute* columns: a price, a duration, a release year.
+    A column is numeric when its Parquet type is, or when every non-empty CSV value is a plain
+    number; other extra columns (a title) are ignored. An empty value is a missing attribute;
+    an infinite one is refused.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ MAX_WEIGHT = 1e6
 MAX_TEXT_LENGTH = 128
 MAX_PROFILE_FIELDS = 64
 MAX_CATEGORIES = 64
+MAX_ITEM_ATTRIBUTES = 32
 CATEGORY_SEPARATOR = "|"
 
 DEFAULT_EVENT_TYPE = "interaction"

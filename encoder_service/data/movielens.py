@@ -26,7 +26,8 @@ def load_movielens(path: Path) -> Dataset:
 
     Users get the profile fields ``age`` (numeric), ``gender``, ``occupation`` and ``zip``
     (categorical; 1M's occupation is a numeric code that stays a label). Items get their genres
-    as categories.
+    as categories and the numeric attribute ``release_year`` (100K: from the release date;
+    1M: from the year that ends the title; missing where neither gives one).
 
     Raises:
         FileNotFoundError: if the folder holds neither format.
@@ -51,7 +52,13 @@ def _load_100k(folder: Path) -> Dataset:
     return dataset_from_frames(
         _events(ratings),
         _users(users),
-        pd.DataFrame({"item_id": items["item_id"], "categories": categories}),
+        pd.DataFrame(
+            {
+                "item_id": items["item_id"],
+                "categories": categories,
+                "release_year": _year(items["release_date"], r"(\d{4})\s*$"),
+            }
+        ),
         name="movielens-100k",
         labels={"events": "u.data", "users": "u.user", "items": "u.item"},
     )
@@ -64,7 +71,13 @@ def _load_1m(folder: Path) -> Dataset:
     return dataset_from_frames(
         _events(ratings),
         _users(users),
-        pd.DataFrame({"item_id": movies["item_id"], "categories": movies["genres"]}),
+        pd.DataFrame(
+            {
+                "item_id": movies["item_id"],
+                "categories": movies["genres"],
+                "release_year": _year(movies["title"], r"\((\d{4})\)\s*$"),
+            }
+        ),
         name="movielens-1m",
         labels={"events": "ratings.dat", "users": "users.dat", "items": "movies.dat"},
     )
@@ -98,6 +111,11 @@ def _genre_names(path: Path) -> list[str]:
     """Genre names in flag order; ``u.genre`` lists ``name|index`` pairs."""
     pairs = [line.rsplit("|", 1) for line in path.read_text(encoding=_ENCODING).splitlines()]
     return [name for name, _ in sorted((p for p in pairs if len(p) == 2), key=lambda p: int(p[1]))]
+
+
+def _year(text: pd.Series, pattern: str) -> np.ndarray:
+    """The four-digit year ``pattern`` captures from each value, NaN where none matches."""
+    return text.str.extract(pattern, expand=False).astype(float).to_numpy(np.float64)
 
 
 def _events(ratings: pd.DataFrame) -> pd.DataFrame:

@@ -31,6 +31,7 @@ from encoder_service.data.contract import (
     EVENT_REQUIRED_COLUMNS,
     ID_PATTERN,
     ITEM_REQUIRED_COLUMNS,
+    MAX_ITEM_ATTRIBUTES,
     MAX_PROFILE_FIELDS,
     MAX_TEXT_LENGTH,
     MAX_TIMESTAMP,
@@ -63,7 +64,8 @@ class Dataset:
     ``timestamp`` and ``weight`` float64, ``context`` a string or None), sorted stably by
     ``(user_id, timestamp)``. ``users`` has one row per user, ``user_id`` then the profile
     columns (float64 when numeric, str or None when categorical). ``items`` has one row per item
-    with ``categories`` (a tuple of names) and ``vector`` (a float32 array or None).
+    with ``categories`` (a tuple of names) and ``vector`` (a float32 array or None), then one
+    float64 column per numeric item attribute (NaN where an item has no value).
     """
 
     events: pd.DataFrame
@@ -75,6 +77,10 @@ class Dataset:
     def profile_fields(self) -> list[str]:
         """Names of the profile columns, in table order."""
         return [column for column in self.users.columns if column != "user_id"]
+
+    def item_attributes(self) -> list[str]:
+        """Names of the numeric item attribute columns, in table order."""
+        return [column for column in self.items.columns if column not in ITEM_COLUMNS]
 
     def time_window(self) -> tuple[float, float]:
         """First and last event time, unix seconds."""
@@ -207,6 +213,10 @@ def write_tables(dataset: Dataset, folder: Path, fmt: Literal["csv", "parquet"])
     folder.mkdir(parents=True, exist_ok=True)
     items = dataset.items
     vectors = list(items["vector"])
+    attributes = {
+        name: pa.array(items[name].to_numpy(np.float64), pa.float64(), from_pandas=True)
+        for name in dataset.item_attributes()
+    }
     if fmt == "csv":
         item_table = pa.table(
             {
@@ -216,6 +226,7 @@ def write_tables(dataset: Dataset, folder: Path, fmt: Literal["csv", "parquet"])
                     pa.string(),
                 ),
                 "vector": pa.array(_vectors_as_text(vectors), pa.string()),
+                **attributes,
             }
         )
     else:
@@ -229,6 +240,7 @@ def write_tables(dataset: Dataset, folder: Path, fmt: Literal["csv", "parquet"])
                     [None if v is None else np.asarray(v, np.float32) for v in vectors],
                     pa.list_(pa.float32()),
                 ),
+                **attributes,
             }
         )
     tables = {
@@ -629,13 +641,54 @@ def _normalise_items(label: str, raw: pd.DataFrame) -> pd.DataFrame:
     rows = len(raw)
     item_ids = id_column(raw["item_id"], "item_id", label)
     _refuse_duplicates(label, item_ids, "item_id", "item")
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "item_id": item_ids,
             "categories": _categories_column(label, raw.get("categories"), rows),
             "vector": _vector_column(label, raw.get("vector"), rows),
         }
     )
+    attributes = _item_attributes(label, raw)
+    if len(attributes) > MAX_ITEM_ATTRIBUTES:
+        raise ContractError(
+            f"{len(attributes)} numeric item attribute columns; at most {MAX_ITEM_ATTRIBUTES}",
+            field="items",
+            location=label,
+        )
+    for name, values in attributes.items():
+        frame[name] = values
+    return frame
+
+
+def _item_attributes(label: str, raw: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The items table's numeric extra columns as float64 (NaN where not given).
+
+    A column is numeric when its type is (Parquet) or when every non-empty value is a plain
+    number (CSV, read as text); other extra columns, such as a title, are ignored. An infinite
+    value is refused, naming the column and the row.
+    """
+    out: dict[str, np.ndarray] = {}
+    for column in raw.columns:
+        if column in ITEM_COLUMNS or pd.api.types.is_bool_dtype(raw[column].dtype):
+            continue
+        series = raw[column]
+        values = _float_column(series)
+        blank = _blank(series)
+        if not _is_number(series) and (blank.all() or not (~np.isnan(values) | blank).all()):
+            continue
+        infinite = np.flatnonzero(np.isinf(values))
+        if infinite.size:
+            row = int(infinite[0])
+            raise ContractError(
+                f"{float(values[row])!r} is not a finite number",
+                field=str(column),
+                location=f"{label}: row {row + 1}",
+            )
+        name = parse_text(column, "items")
+        if name is None:
+            raise ContractError("a numeric item column has no name", field="items", location=label)
+        out[name] = values
+    return out
 
 
 def _refuse_duplicates(label: str, ids: pd.Series, field_name: str, noun: str) -> None:

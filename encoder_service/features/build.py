@@ -16,6 +16,7 @@ import scipy.sparse as sp
 
 from encoder_service.data.tables import Dataset
 from encoder_service.features.catalog import ItemCatalog
+from encoder_service.features.popularity import popularity_coordinates
 from encoder_service.features.schema import (
     HALF_LIVES_DAYS,
     HEATMAP_CELLS,
@@ -36,6 +37,7 @@ def fit_schema(
     dataset: Dataset,
     *,
     item_vector_dim: int,
+    popularity_bins: int = 0,
     exclude_profile: Sequence[str] = (),
 ) -> FeatureSchema:
     """Vocabularies and profile statistics from the training data.
@@ -72,6 +74,8 @@ def fit_schema(
         contexts=contexts,
         profile_fields=tuple(fields),
         item_vector_dim=item_vector_dim,
+        item_attributes=tuple(dataset.item_attributes()),
+        popularity_bins=popularity_bins,
     )
 
 
@@ -80,13 +84,43 @@ def _top_labels(column: pd.Series, cap: int) -> tuple[str, ...]:
     return tuple(str(v) for v in counts.index[:cap])
 
 
-def build_catalog(dataset: Dataset, vectors: np.ndarray) -> ItemCatalog:
-    """The version's catalogue: ``vectors`` rows follow ``dataset.items`` order."""
+def build_catalog(dataset: Dataset, vectors: np.ndarray, popularity_bins: int = 0) -> ItemCatalog:
+    """The version's catalogue: ``vectors`` rows follow ``dataset.items`` order.
+
+    Every vector is extended by the item's attributes (``dataset.item_attributes()``, each
+    standardised over the items that have it; a missing value is the mean, 0) and, with
+    ``popularity_bins`` > 0, by its popularity coordinates over ``dataset.events``
+    (``features.popularity``).
+    """
+    item_ids = dataset.items["item_id"].astype(str)
+    vectors = np.hstack([np.asarray(vectors, dtype=np.float32), _attributes(dataset)])
+    cold: tuple[float, ...] = ()
+    if popularity_bins > 0:
+        counts = dataset.events["item_id"].astype(str).value_counts()
+        per_item = counts.reindex(item_ids, fill_value=0).to_numpy(np.float64)
+        coordinates, cold_row = popularity_coordinates(per_item, popularity_bins)
+        vectors = np.hstack([vectors, coordinates])
+        cold = tuple(cold_row.tolist())
     return ItemCatalog(
-        item_ids=tuple(dataset.items["item_id"].astype(str)),
+        item_ids=tuple(item_ids),
         categories=tuple(tuple(c) for c in dataset.items["categories"]),
         vectors=vectors,
+        cold_popularity=cold,
     )
+
+
+def _attributes(dataset: Dataset) -> np.ndarray:
+    """Standardised item attribute columns ``[n_items, n_attributes]`` float32, 0 if missing."""
+    names = dataset.item_attributes()
+    out = np.zeros((len(dataset.items), len(names)), dtype=np.float32)
+    for k, name in enumerate(names):
+        values = dataset.items[name].to_numpy(np.float64)
+        given = ~np.isnan(values)
+        if not given.any():
+            continue
+        mean, std = values[given].mean(), values[given].std()
+        out[given, k] = (values[given] - mean) / (std if std > 1e-9 else 1.0)
+    return out
 
 
 def build_states(

@@ -4,6 +4,10 @@ The refresher must turn an event about an item into exactly the contribution the
 computed, so the categories and vectors travel with the version instead of being looked up in a
 live database that may have moved on. An item the catalogue does not know still gets a defined
 vector: the mean of its categories' vectors when the event names categories, else the mean of all.
+
+A catalogue may end its vectors with popularity coordinates (``features.popularity``); an
+unknown item then takes the taste part of its vector as above and the *cold* popularity
+coordinates, since nobody interacted with it when the catalogue was built.
 """
 
 from __future__ import annotations
@@ -20,11 +24,16 @@ from encoder_service.data.contract import CATEGORY_SEPARATOR
 
 @dataclass(frozen=True)
 class ItemCatalog:
-    """Item ids, their categories and float32 vectors ``[n_items, dim]``, plus fallbacks."""
+    """Item ids, their categories and float32 vectors ``[n_items, dim]``, plus fallbacks.
+
+    ``cold_popularity`` are the popularity coordinates of an item without training events; when
+    given, the last ``len(cold_popularity)`` columns of ``vectors`` are popularity coordinates.
+    """
 
     item_ids: tuple[str, ...]
     categories: tuple[tuple[str, ...], ...]
     vectors: np.ndarray
+    cold_popularity: tuple[float, ...] = ()
     index: dict[str, int] = field(init=False, repr=False, compare=False)
     category_vectors: dict[str, np.ndarray] = field(init=False, repr=False, compare=False)
     mean_vector: np.ndarray = field(init=False, repr=False, compare=False)
@@ -35,7 +44,10 @@ class ItemCatalog:
         vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
         if vectors.ndim != 2:
             raise ValueError("vectors must be a 2-D array [n_items, dim]")
+        if len(self.cold_popularity) > vectors.shape[1]:
+            raise ValueError("cold_popularity is wider than the vectors")
         object.__setattr__(self, "vectors", vectors)
+        object.__setattr__(self, "cold_popularity", tuple(float(v) for v in self.cold_popularity))
         object.__setattr__(self, "index", {item: i for i, item in enumerate(self.item_ids)})
         sums: dict[str, np.ndarray] = {}
         counts: dict[str, int] = {}
@@ -50,14 +62,31 @@ class ItemCatalog:
         object.__setattr__(
             self,
             "category_vectors",
-            {name: (sums[name] / counts[name]).astype(np.float32) for name in sums},
+            {name: self._cold((sums[name] / counts[name]).astype(np.float32)) for name in sums},
         )
         mean = vectors.mean(axis=0) if len(vectors) else np.zeros(vectors.shape[1], np.float32)
-        object.__setattr__(self, "mean_vector", mean.astype(np.float32))
+        object.__setattr__(self, "mean_vector", self._cold(mean.astype(np.float32)))
+
+    def _cold(self, vector: np.ndarray) -> np.ndarray:
+        """A fallback vector with its popularity coordinates set to the cold ones."""
+        if self.cold_popularity:
+            vector[self.taste_dim :] = self.cold_popularity
+        return vector
 
     @property
     def dim(self) -> int:
         return int(self.vectors.shape[1])
+
+    @property
+    def popularity_width(self) -> int:
+        """Trailing popularity coordinates of every vector (0: none)."""
+        return len(self.cold_popularity)
+
+    @property
+    def taste_dim(self) -> int:
+        """Leading coordinates that describe the item itself: its vector (content or
+        co-occurrence), then its attributes when the catalogue has any."""
+        return self.dim - self.popularity_width
 
     def lookup(
         self, item_id: str, categories: Sequence[str] = ()
@@ -73,6 +102,11 @@ class ItemCatalog:
     def to_bytes(self) -> bytes:
         """An ``.npz`` without pickles, so loading a catalogue can never execute code."""
         buffer = io.BytesIO()
+        popularity = (
+            {"cold_popularity": np.asarray(self.cold_popularity, dtype=np.float64)}
+            if self.cold_popularity
+            else {}
+        )
         np.savez_compressed(
             buffer,
             item_ids=np.array(self.item_ids, dtype=np.str_),
@@ -80,6 +114,7 @@ class ItemCatalog:
                 [CATEGORY_SEPARATOR.join(c) for c in self.categories], dtype=np.str_
             ),
             vectors=self.vectors,
+            **popularity,
         )
         return buffer.getvalue()
 
@@ -92,7 +127,8 @@ class ItemCatalog:
                 for joined in npz["categories"]
             )
             vectors = npz["vectors"]
-        return cls(item_ids=ids, categories=cats, vectors=vectors)
+            cold = tuple(npz["cold_popularity"].tolist()) if "cold_popularity" in npz else ()
+        return cls(item_ids=ids, categories=cats, vectors=vectors, cold_popularity=cold)
 
     @property
     def hash(self) -> str:
@@ -101,4 +137,6 @@ class ItemCatalog:
         digest.update("\n".join(self.item_ids).encode())
         digest.update("\n".join(CATEGORY_SEPARATOR.join(c) for c in self.categories).encode())
         digest.update(self.vectors.tobytes())
+        if self.cold_popularity:  # catalogues without popularity keep the hash they had
+            digest.update(np.asarray(self.cold_popularity, dtype=np.float64).tobytes())
         return "sha256:" + digest.hexdigest()[:32]

@@ -90,6 +90,11 @@ class FeatureSchema:
     contexts: tuple[str, ...]
     profile_fields: tuple[ProfileField, ...]
     item_vector_dim: int
+    item_attributes: tuple[str, ...] = ()
+    """Numeric item attributes whose weighted means enter the ``item_attributes`` group; the
+    catalogue's vectors hold them, standardised, right after the item vector."""
+    popularity_bins: int = 0
+    """Bins of the item-popularity histogram (``features.popularity``); 0: no popularity group."""
     half_lives_days: tuple[float, ...] = HALF_LIVES_DAYS
     rhythm_half_life_days: float = RHYTHM_HALF_LIFE_DAYS
     format: int = SCHEMA_FORMAT
@@ -101,6 +106,11 @@ class FeatureSchema:
     @property
     def input_dim(self) -> int:
         return self.groups[-1].end if self.groups else 0
+
+    @property
+    def popularity_width(self) -> int:
+        """Popularity coordinates per item vector: the bins' one-hot and the log count."""
+        return self.popularity_bins + 1 if self.popularity_bins else 0
 
     @property
     def category_slots(self) -> tuple[str, ...]:
@@ -133,6 +143,11 @@ class FeatureSchema:
             "half_lives_days": list(self.half_lives_days),
             "rhythm_half_life_days": self.rhythm_half_life_days,
         }
+        # schemas without attributes or popularity keep the hash they had
+        if self.item_attributes:
+            data["item_attributes"] = list(self.item_attributes)
+        if self.popularity_bins:
+            data["popularity_bins"] = self.popularity_bins
         data["groups"] = [
             {
                 "name": g.name,
@@ -162,6 +177,8 @@ class FeatureSchema:
                 for f in data["profile_fields"]
             ),
             item_vector_dim=data["item_vector_dim"],
+            item_attributes=tuple(data.get("item_attributes", ())),
+            popularity_bins=data.get("popularity_bins", 0),
             half_lives_days=tuple(data["half_lives_days"]),
             rhythm_half_life_days=data["rhythm_half_life_days"],
             format=data["format"],
@@ -203,6 +220,21 @@ def _layout(schema: FeatureSchema) -> list[Group]:
                 ),
             )
         )
+    if schema.item_attributes:
+        width = len(schema.item_attributes)
+        groups.append(
+            Group(
+                "item_attributes",
+                tuple(segment(f"item_attributes_{h}", SegmentKind.DENSE, width) for h in horizons),
+            )
+        )
+    if schema.popularity_bins > 0:
+        histograms = tuple(
+            segment(f"popularity_{h}", SegmentKind.DISTRIBUTION, schema.popularity_bins)
+            for h in horizons
+        )
+        log_count = segment("popularity_log_count", SegmentKind.DENSE, len(horizons))
+        groups.append(Group("popularity", (*histograms, log_count)))
     groups.append(
         Group("activity", (segment("activity", SegmentKind.DENSE, activity_width(schema)),))
     )

@@ -69,18 +69,39 @@ class Vectorizer:
         x[:, start : start + block[0].size] = block.transpose(0, 2, 1).reshape(len(batch), -1)
 
     def _item_taste(self, batch: StateBatch, x: np.ndarray) -> None:
-        if self.schema.item_vector_dim == 0 or self.catalog_id is None:
+        """Weighted means of the catalogue's item vectors, split as the catalogue lays them
+        out: item vector into ``item_taste``, then the item attributes into
+        ``item_attributes``, then the popularity coordinates into ``popularity``."""
+        taste = self.schema.item_vector_dim
+        attributes = len(self.schema.item_attributes)
+        popularity = self.schema.popularity_width
+        if taste + attributes + popularity == 0 or self.catalog_id is None:
             return
         sums = batch.item_sums.get(self.catalog_id)
         if sums is None:
             return
+        if sums.shape[2] != taste + attributes + popularity:
+            raise ValueError(
+                f"item sums of {self.catalog_id} are {sums.shape[2]} wide; the schema expects "
+                f"{taste} + {attributes} attribute + {popularity} popularity coordinates"
+            )
         held = (batch.mass > 0) & batch.item_present[self.catalog_id][:, None]
         mass = np.where(held, batch.mass, 1.0)
+        means = np.where(held[:, :, None], sums / mass[:, :, None], 0.0)  # [n, H, dim]
+        bins = self.schema.popularity_bins
+        pop = taste + attributes
         for h, horizon in enumerate(self._horizons):
-            seg = self._segments[f"item_taste_{horizon}"]
-            x[:, seg.start : seg.end] = np.where(
-                held[:, h, None], sums[:, h] / mass[:, h, None], 0.0
-            )
+            for name, start, end in (
+                ("item_taste", 0, taste),
+                ("item_attributes", taste, pop),
+                ("popularity", pop, pop + bins),
+            ):
+                if end > start:
+                    seg = self._segments[f"{name}_{horizon}"]
+                    x[:, seg.start : seg.end] = means[:, h, start:end]
+        if popularity:
+            seg = self._segments["popularity_log_count"]
+            x[:, seg.start : seg.end] = means[:, :, pop + bins]
 
     def _activity(self, batch: StateBatch, x: np.ndarray) -> None:
         """log1p count and masses, span and mean gap in days, weight mean and spread."""

@@ -22,6 +22,7 @@ from encoder_service.data.tables import Dataset
 from encoder_service.encoder import CATALOG_FILE, MODEL_FILE, ModelArtifacts
 from encoder_service.features.build import build_catalog, build_states, fit_schema
 from encoder_service.features.catalog import ItemCatalog
+from encoder_service.features.popularity import POPULARITY_BINS
 from encoder_service.features.schema import FeatureSchema
 from encoder_service.features.state import FeatureState
 from encoder_service.features.vectorize import Vectorizer
@@ -82,13 +83,23 @@ def prepare_features(
     dataset: Dataset,
     *,
     item_vector_dim: int = 32,
+    popularity_bins: int = POPULARITY_BINS,
     exclude_profile: Sequence[str] = (),
     seed: int = 0,
 ) -> PreparedFeatures:
-    """Item vectors, catalogue, schema, every user's state and the feature matrix."""
+    """Item vectors, catalogue, schema, every user's state and the feature matrix.
+
+    The catalogue's vectors are the item vectors, then the items' numeric attributes, then
+    (``popularity_bins`` > 0) their popularity coordinates (see ``features.popularity``).
+    """
     vectors = _item_vectors(dataset, item_vector_dim, seed)
-    catalog = build_catalog(dataset, vectors)
-    schema = fit_schema(dataset, item_vector_dim=catalog.dim, exclude_profile=exclude_profile)
+    catalog = build_catalog(dataset, vectors, popularity_bins)
+    schema = fit_schema(
+        dataset,
+        item_vector_dim=vectors.shape[1],
+        popularity_bins=popularity_bins,
+        exclude_profile=exclude_profile,
+    )
     log.info(
         "feature schema %s: %d inputs in %d groups",
         schema.hash[:19],
@@ -128,6 +139,7 @@ def train_version(
     out_dir: Path,
     config: TrainConfig,
     item_vector_dim: int = 32,
+    popularity_bins: int = POPULARITY_BINS,
     exclude_profile: Sequence[str] = (),
     parent_version: str | None = None,
     progress: bool = True,
@@ -139,6 +151,7 @@ def train_version(
     prepared = prepare_features(
         dataset,
         item_vector_dim=item_vector_dim,
+        popularity_bins=popularity_bins,
         exclude_profile=exclude_profile,
         seed=config.seed,
     )

@@ -188,6 +188,33 @@ def test_malformed_vector_in_parquet_list_column(tmp_path: Path, write: Write) -
     )
 
 
+def test_infinite_item_attribute_names_column_and_row(write: Write) -> None:
+    items = write("items.csv", "item_id,price\ni1,9.5\ni2,-inf\n")
+    assert refused(write("events.csv", EVENTS), None, items) == (
+        "items.csv: row 2: field 'price': -inf is not a finite number"
+    )
+
+
+def test_infinite_item_attribute_in_parquet_is_refused(tmp_path: Path, write: Write) -> None:
+    items = tmp_path / "items.parquet"
+    pq.write_table(pa.table({"item_id": ["i1", "i2"], "year": [1995.0, float("inf")]}), items)
+    assert refused(write("events.csv", EVENTS), None, items) == (
+        "items.parquet: row 2: field 'year': inf is not a finite number"
+    )
+
+
+def test_numeric_item_columns_become_attributes_and_text_ones_are_ignored(write: Write) -> None:
+    items = write(
+        "items.csv",
+        "item_id,title,price,year,code\ni1,Heat,9.5,1995,A1\ni2,Up,,2009,7\n",
+    )
+    data = load_tables(write("events.csv", EVENTS), None, items)
+    assert data.item_attributes() == ["price", "year"]
+    assert list(data.items.columns) == [*ITEM_COLUMNS, "price", "year"]
+    np.testing.assert_array_equal(data.items["price"], [9.5, np.nan])
+    np.testing.assert_array_equal(data.items["year"], [1995.0, 2009.0])
+
+
 def test_text_field_too_long(write: Write) -> None:
     path = write("events.csv", f"user_id,item_id,timestamp,event_type\nu1,i1,1,{'v' * 129}\n")
     assert refused(path) == "events.csv: row 1: field 'event_type': longer than 128 characters"
@@ -427,6 +454,7 @@ def _handmade() -> Dataset:
                 np.array([1, 2, 3], np.float32),
                 np.array([0, 0, 1e30], np.float32),
             ],
+            "year": [1995.0, np.nan, 2001.0, 1950.5],
         }
     )
     return dataset_from_frames(events, users, items, name="handmade")
@@ -446,6 +474,7 @@ def test_round_trip(tmp_path: Path, fmt: str) -> None:
     assert loaded.items["categories"].tolist() == original.items["categories"].tolist()
     for got, want in zip(loaded.items["vector"], original.items["vector"], strict=True):
         assert (got is None and want is None) or np.array_equal(got, want)
+    np.testing.assert_array_equal(loaded.items["year"], original.items["year"])
     assert loaded.warnings == []
 
 

@@ -19,19 +19,19 @@ from tests.features.test_state import DAY, _dataset, _replay
 
 @pytest.fixture(scope="module")
 def world():
-    """Replayed states of 60 users, two catalogues (the second knows only some items), and
-    one user holding the sums of a catalogue no longer live."""
+    """Replayed states of 60 users, two catalogues (the second knows only some items and has
+    no popularity coordinates), and one user holding the sums of a catalogue no longer live."""
     dataset = _dataset(seed=5, n_users=60)
     rng = np.random.default_rng(2)
     vectors = rng.normal(size=(len(dataset.items), 6)).astype(np.float32)
-    first = build_catalog(dataset, vectors)
+    first = build_catalog(dataset, vectors, popularity_bins=4)
     half = len(dataset.items) // 2
     second = ItemCatalog(
         item_ids=tuple(f"i{k}" for k in range(half)),
         categories=tuple(("drama",) if k % 2 else ("fresh-genre", "news") for k in range(half)),
         vectors=rng.normal(size=(half, 4)).astype(np.float32),
     )
-    schema = fit_schema(dataset, item_vector_dim=first.dim)
+    schema = fit_schema(dataset, item_vector_dim=first.taste_dim, popularity_bins=4)
     states = _replay(dataset, {first.hash: first}, seed=3)
     retired = ItemCatalog(("x",), (("drama",),), np.ones((1, 3), dtype=np.float32))
     states[7].apply(Event("u7", "x", states[7].t_last - DAY), {retired.hash: retired})

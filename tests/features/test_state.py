@@ -84,12 +84,12 @@ def _replay(dataset: Dataset, catalogs: dict[str, ItemCatalog], seed: int) -> li
     return states
 
 
-@pytest.fixture(scope="module")
-def built():
+@pytest.fixture(scope="module", params=[0, 4], ids=["no-popularity", "popularity"])
+def built(request):
     dataset = _dataset()
     vectors = np.random.default_rng(1).normal(size=(len(dataset.items), 6)).astype(np.float32)
-    catalog = build_catalog(dataset, vectors)
-    schema = fit_schema(dataset, item_vector_dim=catalog.dim)
+    catalog = build_catalog(dataset, vectors, popularity_bins=request.param)
+    schema = fit_schema(dataset, item_vector_dim=catalog.taste_dim, popularity_bins=request.param)
     return dataset, catalog, schema
 
 
