@@ -49,7 +49,7 @@ def test_adapter_beats_target_only_and_naive_merge_on_a_planted_world() -> None:
     graph = world.graph(
         np.concatenate([np.flatnonzero(world.domain == 0)[:200], np.flatnonzero(world.domain > 0)])
     )
-    plain = {"coarse": False, "fine": False, "distill": "none"}
+    plain = {"coarse": False, "keep_fraction": 1.0, "fine": False, "distill": "none"}
     empty = DomainSamples(np.zeros((0, world.x.shape[1])), np.zeros(0))
     only = CrossDomainAdapter(**plain, **NETWORK).fit(target, empty)
     naive = CrossDomainAdapter(**plain, **NETWORK).fit(target, source)
