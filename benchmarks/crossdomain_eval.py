@@ -190,7 +190,7 @@ def _user_rows(events: pd.DataFrame, cutoff: float, encoder: Encoder) -> np.ndar
             state, current_user, last_time = FeatureState(), user[k], None
         t = min(stamp[k], cutoff)  # test ratings see the cut-off snapshot
         if t != last_time:
-            current_row, last_time = encoder.vectorize.row(state), t
+            current_row, last_time = encoder.vectorize([state])[0], t
         rows[k] = current_row
         if stamp[k] < cutoff:
             state.apply(
