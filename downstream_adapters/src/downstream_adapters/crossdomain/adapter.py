@@ -13,9 +13,11 @@ item) samples described by a feature vector (the user's embedding next to item f
 4. **Model selection**: how much of the source to keep and how strongly to distil depend on the
    target (a source that mostly agrees with it is worth keeping whole, a partly harmful one is
    worth cutting), so by default the adapter fits one student per candidate ``(keep_fraction,
-   strength)`` and keeps the one with the lowest validation log-loss. The teacher and the graph
-   scores are computed once and shared by every candidate; the domain classifier once per keep
-   fraction.
+   strength)`` and keeps the one with the lowest validation log-loss. Log-loss rather than
+   AUC: it is what early stopping already minimises, it is a proper score (a candidate cannot
+   win by being over-confident), and on the few hundred samples a small domain validates on it
+   varies smoothly where a rank AUC moves in coarse steps. The teacher and the graph scores are
+   computed once and shared by every candidate; the domain classifier once per keep fraction.
 5. **Continual mode**: :meth:`CrossDomainAdapter.update` trains on a new period starting from
    the previous student (and teacher), with the values chosen at ``fit``, without retraining
    from scratch.
