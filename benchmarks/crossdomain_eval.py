@@ -310,10 +310,12 @@ def run_target(
     # (the choice saw validation losses alone); the a-priori one is a row of the table
     out["search"] = {}
     for candidate in adapter.search:
-        key = f"keep {candidate.keep_fraction:g}, lambda {candidate.strength:g}"
+        key = _candidate_key(candidate.keep_fraction, candidate.strength, candidate.from_teacher)
         prob = candidate.student.predict_proba(p.x[test])
         out["search"][key] = {"val_loss": candidate.val_loss, **_scores(p.y[test], prob)}
-        if (candidate.keep_fraction, candidate.strength) == tuple(A_PRIORI.values()):
+        if candidate.from_teacher and (candidate.keep_fraction, candidate.strength) == tuple(
+            A_PRIORI.values()
+        ):
             predictions["full adapter, a-priori settings"] = prob
             out["full adapter, a-priori settings"] = {
                 **_scores(p.y[test], prob),
@@ -332,6 +334,12 @@ def run_target(
     }
     predictions["label"] = p.y[test]
     return out, predictions
+
+
+def _candidate_key(keep_fraction: float, strength: float, from_teacher: bool) -> str:
+    if not from_teacher:
+        return "target alone, fresh network"
+    return f"keep {keep_fraction:g}, lambda {strength:g}"
 
 
 def entire_space_teacher(p: Prepared, seed: int, network: dict[str, object]) -> BinaryMLP:
@@ -501,8 +509,12 @@ def _search_summary(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[s
     out: dict[str, dict[str, float]] = {}
     for key in runs[0]["search"]:
         chosen = [
-            key == f"keep {r['full adapter']['chosen_keep_fraction']:g}, "
-            f"lambda {r['full adapter']['chosen_strength']:g}"
+            key
+            == _candidate_key(
+                r["full adapter"]["chosen_keep_fraction"],
+                r["full adapter"]["chosen_strength"],
+                r["full adapter"]["chosen_from_teacher"],
+            )
             for r in runs
         ]
         out[key] = {
@@ -560,8 +572,9 @@ def summarise(
         }
         chosen = [
             {
-                "keep_fraction": r["full adapter"]["chosen_keep_fraction"],
-                "strength": r["full adapter"]["chosen_strength"],
+                k.removeprefix("chosen_"): v
+                for k, v in r["full adapter"].items()
+                if k.startswith("chosen_")
             }
             for r in runs
         ]
@@ -632,13 +645,14 @@ def print_table(summary: dict[str, object], seeds: int) -> None:
             f"{sel['effective_source']:.0f}; domain classifier AUC "
             f"{sel.get('domain_auc', float('nan')):.3f}); mean over seeds"
         )
-        picks = ", ".join(
-            f"({c['keep_fraction']:g}, {c['strength']:g})" for c in body["full_adapter_chosen"]
+        picks = "; ".join(
+            _candidate_key(c["keep_fraction"], c["strength"], c["from_teacher"])
+            for c in body["full_adapter_chosen"]
         )
-        print(f"  chosen (keep fraction, lambda) per seed: {picks}")
+        print(f"  chosen per seed: {picks}")
         for key, c in body["full_adapter_candidates"].items():
             print(
-                f"    candidate {key:22s} val log-loss {c['val_loss_mean']:.4f}  "
+                f"    candidate {key:29s} val log-loss {c['val_loss_mean']:.4f}  "
                 f"test AUC {c['test_auc_mean']:.4f}  chosen {c['times_chosen']:.0f}x"
             )
         for check in body["checks"]:

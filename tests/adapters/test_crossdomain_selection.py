@@ -55,7 +55,7 @@ def test_a_source_that_follows_the_target_is_kept_whole() -> None:
     target, source, rows = _fit_inputs(world, n_train=500)
     adapter = CrossDomainAdapter(**CUT_ONLY).fit(target, source, graph=world.graph(rows))
 
-    assert adapter.chosen == {"keep_fraction": 1.0, "strength": 0.0}
+    assert adapter.chosen == {"keep_fraction": 1.0, "strength": 0.0, "from_teacher": True}
     losses = _by_keep(adapter)
     assert sorted(losses) == [0.0, 0.25, 0.5, 1.0]
     assert losses[1.0] < losses[0.0]  # the source helps: more of it, lower validation loss
@@ -82,24 +82,47 @@ def test_a_half_harmful_source_is_cut_to_the_half_near_the_target() -> None:
     assert adapter.student is best.student
 
 
+def test_an_entire_space_that_misleads_the_target_falls_back_to_the_target_alone() -> None:
+    # every source sample follows the opposite rule, so the teacher learns the wrong one
+    world = make_world(seed=16, n_target=700, n_related=0, n_unrelated=4000)
+    target, source, _ = _fit_inputs(world, n_train=500)
+    adapter = CrossDomainAdapter(coarse=False, fine=False, **NETWORK).fit(target, source)
+
+    assert adapter.chosen["from_teacher"] is False
+    fallback = adapter.search[-1]
+    assert not fallback.from_teacher
+    assert fallback.val_loss < min(c.val_loss for c in adapter.search[:-1]) - 0.05
+    test = np.flatnonzero(world.domain == 0)[500:]
+    teacher = adapter.teacher
+    assert teacher is not None
+    y = world.y[test]
+    adapter_p, teacher_p = (
+        adapter.predict_proba(world.x[test]),
+        teacher.predict_proba(world.x[test]),
+    )
+    assert np.mean((adapter_p > 0.5) == y) > np.mean((teacher_p > 0.5) == y) + 0.2
+
+
 def test_strength_is_chosen_and_update_reuses_the_choice() -> None:
     world = make_world(seed=13, n_related=600, n_unrelated=600)
     target, source, _ = _fit_inputs(world, n_train=300)
     adapter = CrossDomainAdapter(coarse=False, update_steps=20, **NETWORK)
     adapter.fit(target, source)
 
-    # without the graph only "no source" and "all of it" can be tried, each with both lambdas
-    assert sorted((c.keep_fraction, c.strength) for c in adapter.search) == [
-        (0.0, 0.0),
-        (0.0, 1.0),
-        (1.0, 0.0),
-        (1.0, 1.0),
+    # without the graph only "no source" and "all of it" can be tried, each with both lambdas,
+    # and the target alone on a fresh network
+    assert [(c.keep_fraction, c.strength, c.from_teacher) for c in adapter.search] == [
+        (0.0, 0.0, True),
+        (0.0, 1.0, True),
+        (1.0, 0.0, True),
+        (1.0, 1.0, True),
+        (0.0, 0.0, False),
     ]
     chosen = dict(adapter.chosen)
     adapter.update(target.take(np.arange(200)), source)
     assert adapter.chosen == chosen
-    assert [(c.keep_fraction, c.strength) for c in adapter.search] == [
-        (chosen["keep_fraction"], chosen["strength"])
+    assert [(c.keep_fraction, c.strength, c.from_teacher) for c in adapter.search] == [
+        (chosen["keep_fraction"], chosen["strength"], chosen["from_teacher"])
     ]
 
 
@@ -109,7 +132,7 @@ def test_fixed_values_train_one_student() -> None:
     adapter = CrossDomainAdapter(keep_fraction=0.5, strength=1.0, **NETWORK)
     adapter.fit(target, source, graph=world.graph(rows))
     assert len(adapter.search) == 1
-    assert adapter.chosen == {"keep_fraction": 0.5, "strength": 1.0}
+    assert adapter.chosen == {"keep_fraction": 0.5, "strength": 1.0, "from_teacher": True}
 
 
 def test_select_before_fit_needs_a_keep_fraction_and_bad_values_are_refused() -> None:

@@ -18,6 +18,9 @@ item) samples described by a feature vector (the user's embedding next to item f
    win by being over-confident), and on the few hundred samples a small domain validates on it
    varies smoothly where a rank AUC moves in coarse steps. The teacher and the graph scores are
    computed once and shared by every candidate; the domain classifier once per keep fraction.
+   One more candidate, the target alone from a fresh network (no source, no teacher), guards
+   against an entire space that misleads the target: every other candidate starts from the
+   teacher's weights and could not unlearn them on a small target.
 5. **Continual mode**: :meth:`CrossDomainAdapter.update` trains on a new period starting from
    the previous student (and teacher), with the values chosen at ``fit``, without retraining
    from scratch.
@@ -107,6 +110,7 @@ class Candidate:
 
     keep_fraction: float
     strength: float
+    from_teacher: bool
     val_loss: float
     selection: Selection
     student: BinaryMLP
@@ -139,6 +143,8 @@ class CrossDomainAdapter:
         init_from_teacher: start the student from the teacher's weights (representation
             transfer) at ``init_lr_scale`` times the learning rate, rather than from scratch;
             needs a :class:`BinaryMLP` teacher and a distillation mode other than ``"none"``.
+        fallback: when searching (any ``"auto"``), also try the target alone on a fresh
+            network, the negative-transfer guard of the module docstring.
         val_fraction: the latest share of target samples used for early stopping.
         update_steps: the step budget of a continual :meth:`update`.
         seed: every network's initial weights and minibatch order.
@@ -163,6 +169,7 @@ class CrossDomainAdapter:
         kd_temperature: float = 0.5,
         init_from_teacher: bool = True,
         init_lr_scale: float = 0.25,
+        fallback: bool = True,
         val_fraction: float = 0.2,
         update_steps: int = 1000,
         seed: int = 0,
@@ -193,6 +200,7 @@ class CrossDomainAdapter:
         self.kd_temperature = kd_temperature
         self.init_from_teacher = init_from_teacher
         self.init_lr_scale = init_lr_scale
+        self.fallback = fallback
         self.val_fraction = val_fraction
         self.update_steps = update_steps
         self.seed = seed
@@ -201,7 +209,7 @@ class CrossDomainAdapter:
         self.teacher: BinaryMLP | None = None
         self.selection: Selection | None = None
         self.validation: DomainSamples | None = None
-        self.chosen: dict[str, float] = {}
+        self.chosen: dict[str, float | bool] = {}
         self.search: list[Candidate] = []
 
     def fit(
@@ -219,7 +227,10 @@ class CrossDomainAdapter:
         With ``"auto"`` settings every candidate gets a student; the one with the lowest
         validation log-loss is kept (``chosen``, ``search``).
         """
-        grid = [(k, v) for k in self._keep_grid() for v in self._strength_grid()]
+        grid = [(k, v, True) for k in self._keep_grid() for v in self._strength_grid()]
+        searching = "auto" in (self.keep_fraction, self.strength)
+        if self.fallback and searching and self.init_from_teacher and self.distill != "none":
+            grid.append((0.0, 0.0, False))  # last: a tie keeps the teacher's knowledge
         return self._train(
             target, source, graph=graph, teacher=teacher, grid=grid, warm_start=False
         )
@@ -243,7 +254,14 @@ class CrossDomainAdapter:
         """
         if self.student is None:
             raise RuntimeError("fit the adapter before updating it")
-        grid = [(self.chosen["keep_fraction"], self.chosen["strength"])]
+        chosen = self.chosen
+        grid = [
+            (
+                float(chosen["keep_fraction"]),
+                float(chosen["strength"]),
+                bool(chosen["from_teacher"]),
+            )
+        ]
         return self._train(target, source, graph=graph, teacher=teacher, grid=grid, warm_start=True)
 
     def logit(self, x: np.ndarray) -> np.ndarray:
@@ -273,7 +291,7 @@ class CrossDomainAdapter:
             if self.keep_fraction != "auto":
                 keep_fraction = float(self.keep_fraction)
             elif "keep_fraction" in self.chosen:
-                keep_fraction = self.chosen["keep_fraction"]
+                keep_fraction = float(self.chosen["keep_fraction"])
             else:
                 raise RuntimeError("keep_fraction='auto' is chosen by fit: fit first or pass one")
         return self._select(
@@ -355,10 +373,11 @@ class CrossDomainAdapter:
         *,
         graph: InteractionGraph | None,
         teacher: BinaryMLP | None,
-        grid: list[tuple[float, float]],
+        grid: list[tuple[float, float, bool]],
         warm_start: bool,
     ) -> Self:
-        """One student per ``(keep_fraction, strength)`` of ``grid``; the best on validation stays.
+        """One student per ``(keep_fraction, strength, from_teacher)`` of ``grid``; the best on
+        validation stays.
 
         A continual update (``warm_start``) continues a copy of the current student; a fit
         starts each candidate afresh. The teacher, its logits and the graph scores are shared
@@ -377,11 +396,11 @@ class CrossDomainAdapter:
             if self.teacher is None or self.distill == "none"
             else self.teacher.logit(np.concatenate([train.x, source.x]))
         )
-        needs_graph = any(keep > 0 for keep, _ in grid)
+        needs_graph = any(keep > 0 for keep, _, _ in grid)
         scores = self._graph_scores(train, source, graph) if needs_graph else None
         selections: dict[float, Selection] = {}
         search: list[Candidate] = []
-        for keep, strength in grid:
+        for keep, strength, from_teacher in grid:
             if keep not in selections:
                 selections[keep] = self._select(train, source, scores, keep)
             selection = selections[keep]
@@ -395,7 +414,7 @@ class CrossDomainAdapter:
             )
             distillation = (
                 None
-                if teacher_logit is None
+                if teacher_logit is None or not from_teacher
                 else Distillation(
                     teacher_logit[rows],
                     strength=strength,
@@ -403,7 +422,12 @@ class CrossDomainAdapter:
                     adaptive=self.distill == "adaptive",
                 )
             )
-            student = copy.deepcopy(self.student) if warm_start else self._initial_student()
+            if warm_start:
+                student = copy.deepcopy(self.student)
+            elif from_teacher:
+                student = self._initial_student()
+            else:
+                student = BinaryMLP(seed=self.seed, **self.network)
             assert student is not None
             student.fit(
                 x,
@@ -416,11 +440,15 @@ class CrossDomainAdapter:
                 max_steps=self.update_steps if warm_start else None,
             )
             loss = _log_loss(validation.y, student.logit(validation.x))
-            search.append(Candidate(keep, strength, loss, selection, student))
+            search.append(Candidate(keep, strength, from_teacher, loss, selection, student))
         best = min(search, key=lambda c: c.val_loss)  # ties: the first in grid order
         self.validation = validation
         self.search = search
-        self.chosen = {"keep_fraction": best.keep_fraction, "strength": best.strength}
+        self.chosen = {
+            "keep_fraction": best.keep_fraction,
+            "strength": best.strength,
+            "from_teacher": best.from_teacher,
+        }
         self.selection = best.selection
         self.student = best.student
         return self
