@@ -16,11 +16,16 @@ published version has no embedding for anyone else).
 * Graph: user-item edges of every training rating plus Ciao's trust network (user-user).
 
 Rows: target-only; naive merge (target + every source sample); fine-tuning the entire-space
-model on the target; distillation with a fixed weight (selection on); coarse-only and fine-only
-ablations; the full adapter. Every model early-stops on the latest 20 % of the target's training
-ratings; the test period is never looked at before the final scoring.
+model on the target; distillation with a fixed weight, coarse-only and fine-only ablations of the
+full adapter at the a-priori settings (keep fraction 0.5, lambda 1); that full adapter; and the
+full adapter choosing its keep fraction and lambda on the validation split (the default). Every
+model early-stops on the latest 20 % of the target's training ratings, and the choice looks at
+the same split; the test period is never looked at before the final scoring.
 
-    python benchmarks/crossdomain_eval.py [--data-dir DIR] [--seeds 3] [--json out.json]
+Per target, the paired difference full adapter minus naive merge (and minus target-only) per
+seed, and a paired bootstrap over test ratings of the seed-mean AUC difference (95 % interval).
+
+    python benchmarks/crossdomain_eval.py [--data-dir DIR] [--seeds 5] [--json out.json]
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -53,6 +59,7 @@ from downstream_adapters.crossdomain import (  # noqa: E402
     DomainSamples,
     InteractionGraph,
 )
+from scipy.stats import rankdata  # noqa: E402
 from sklearn.metrics import log_loss, roc_auc_score  # noqa: E402
 
 from encoder_service.data.ciao import load_ciao, load_trust_edges  # noqa: E402
@@ -64,6 +71,7 @@ from encoder_service.features.state import FeatureState  # noqa: E402
 DEFAULT_TARGETS = ("Cameras", "Electronics", "Health")
 TOP_RATING = 5.0
 PRIOR_STRENGTH = 5.0
+A_PRIORI = {"keep_fraction": 0.5, "strength": 1.0}
 ROWS = (
     "target-only",
     "naive merge",
@@ -71,8 +79,11 @@ ROWS = (
     "distillation, fixed weight",
     "coarse-only (graph selection)",
     "fine-only (domain weights)",
+    "full adapter, a-priori settings",
     "full adapter",
 )
+PAIRED = ("naive merge", "target-only")  # the full adapter's paired differences against these
+BOOTSTRAP = 1000
 
 
 def _data_dir(arg: Path | None) -> Path:
@@ -190,7 +201,7 @@ def _user_rows(events: pd.DataFrame, cutoff: float, encoder: Encoder) -> np.ndar
             state, current_user, last_time = FeatureState(), user[k], None
         t = min(stamp[k], cutoff)  # test ratings see the cut-off snapshot
         if t != last_time:
-            current_row, last_time = encoder.vectorize.row(state), t
+            current_row, last_time = encoder.vectorize([state])[0], t
         rows[k] = current_row
         if stamp[k] < cutoff:
             state.apply(
@@ -250,9 +261,12 @@ def run_target(
     teacher: BinaryMLP,
     seed: int,
     network: dict[str, object],
-    keep_fraction: float,
-) -> dict[str, dict[str, float]]:
-    """Every row of the table for one target category and one seed."""
+    choice: dict[str, object],
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Every row of the table for one target category and one seed, and the test predictions.
+
+    ``choice`` is the full adapter's ``keep_fraction`` and ``strength`` (``"auto"`` or a value).
+    """
     target_train = np.flatnonzero(p.train & (p.category == category))
     # the published version knows only users who rated before the cut-off; the service answers
     # 404 for the others, so they are no test case for a model on the embedding
@@ -262,13 +276,15 @@ def run_target(
     target, source = _samples(p, target_train), _samples(p, source_rows)
     nothing = _samples(p, source_rows[:0])
     # The embedding and item statistics, never anything that names the domain.
-    shared: dict[str, object] = {"seed": seed, "keep_fraction": keep_fraction, **network}
-    out: dict[str, dict[str, float]] = {}
+    shared: dict[str, object] = {"seed": seed, **network}
+    out: dict[str, Any] = {}
+    predictions: dict[str, np.ndarray] = {}
 
     def score(name: str, predict: Callable[[np.ndarray], np.ndarray]) -> None:
-        out[name] = _scores(p.y[test], predict(p.x[test]))
+        predictions[name] = predict(p.x[test])
+        out[name] = _scores(p.y[test], predictions[name])
 
-    plain = {"coarse": False, "fine": False, "distill": "none"}
+    plain = {"coarse": False, "fine": False, "distill": "none", "keep_fraction": 1.0}
     score("target-only", CrossDomainAdapter(**plain, **shared).fit(target, nothing).predict_proba)
     score("naive merge", CrossDomainAdapter(**plain, **shared).fit(target, source).predict_proba)
     train, validation = CrossDomainAdapter(**shared).split(target)
@@ -277,10 +293,10 @@ def run_target(
     tuned.fit(train.x, train.y, validation=(validation.x, validation.y), warm_start=True)
     score("fine-tune entire-space model", tuned.predict_proba)
     variants = {
-        "distillation, fixed weight": {"distill": "fixed"},
-        "coarse-only (graph selection)": {"fine": False},
-        "fine-only (domain weights)": {"coarse": False},
-        "full adapter": {},
+        "distillation, fixed weight": {"distill": "fixed", **A_PRIORI},
+        "coarse-only (graph selection)": {"fine": False, **A_PRIORI},
+        "fine-only (domain weights)": {"coarse": False, **A_PRIORI, "keep_fraction": 1.0},
+        "full adapter": choice,
     }
     for name, options in variants.items():
         adapter = CrossDomainAdapter(**options, **shared).fit(  # type: ignore[arg-type]
@@ -289,13 +305,41 @@ def run_target(
         score(name, adapter.predict_proba)
         assert adapter.selection is not None
         out[name].update({f"selection_{k}": v for k, v in adapter.selection.stats.items()})
+        out[name].update({f"chosen_{k}": v for k, v in adapter.chosen.items()})
+    # every candidate the full adapter tried, scored on the test period only for this report
+    # (the choice saw validation losses alone); the a-priori one is a row of the table
+    out["search"] = {}
+    for candidate in adapter.search:
+        key = _candidate_key(candidate.keep_fraction, candidate.strength, candidate.from_teacher)
+        prob = candidate.student.predict_proba(p.x[test])
+        out["search"][key] = {"val_loss": candidate.val_loss, **_scores(p.y[test], prob)}
+        if candidate.from_teacher and (candidate.keep_fraction, candidate.strength) == tuple(
+            A_PRIORI.values()
+        ):
+            predictions["full adapter, a-priori settings"] = prob
+            out["full adapter, a-priori settings"] = {
+                **_scores(p.y[test], prob),
+                **{f"selection_{k}": v for k, v in candidate.selection.stats.items()},
+            }
+    if "full adapter, a-priori settings" not in out:
+        a_priori = CrossDomainAdapter(**A_PRIORI, **shared).fit(  # type: ignore[arg-type]
+            target, source, graph=p.graph, teacher=teacher
+        )
+        score("full adapter, a-priori settings", a_priori.predict_proba)
     out["counts"] = {
         "train": float(len(target_train)),
         "test": float(len(test)),
         "source": float(len(source_rows)),
         "test_positive_share": float(p.y[test].mean()),
     }
-    return out
+    predictions["label"] = p.y[test]
+    return out, predictions
+
+
+def _candidate_key(keep_fraction: float, strength: float, from_teacher: bool) -> str:
+    if not from_teacher:
+        return "target alone, fresh network"
+    return f"keep {keep_fraction:g}, lambda {strength:g}"
 
 
 def entire_space_teacher(p: Prepared, seed: int, network: dict[str, object]) -> BinaryMLP:
@@ -321,7 +365,7 @@ def _graph_of(p: Prepared, rows: np.ndarray) -> InteractionGraph:
 
 
 def run_continual(
-    p: Prepared, category: str, seed: int, network: dict[str, object], keep_fraction: float
+    p: Prepared, category: str, seed: int, network: dict[str, object], choice: dict[str, object]
 ) -> dict[str, dict[str, float]]:
     """Period 1 = the earliest 80 % of the training ratings, period 2 = the rest.
 
@@ -342,7 +386,7 @@ def run_continual(
             p, np.flatnonzero(mask & ~is_target)
         )
 
-    settings: dict[str, object] = {"seed": seed, "keep_fraction": keep_fraction, **network}
+    settings: dict[str, object] = {"seed": seed, **choice, **network}
     out: dict[str, dict[str, float]] = {}
     started = time.time()
     adapter = CrossDomainAdapter(**settings).fit(  # type: ignore[arg-type]
@@ -408,8 +452,84 @@ def summarise_continual(results: dict[str, list[dict[str, dict[str, float]]]]) -
     return summary
 
 
-def summarise(results: dict[str, list[dict[str, dict[str, float]]]]) -> dict[str, object]:
-    """Mean and std over seeds per target and row, and the acceptance checks."""
+def _std(values: np.ndarray) -> float:
+    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def paired(
+    runs: list[dict[str, dict[str, float]]],
+    predictions: list[dict[str, np.ndarray]],
+    other: str,
+    *,
+    seed: int = 0,
+) -> dict[str, object]:
+    """Full adapter minus ``other``: AUC per seed (same seed, same initialisation), and a
+    paired bootstrap over test ratings of the seed-mean difference.
+
+    The bootstrap redraws the test ratings (the same draw for both models and every seed), so
+    its interval is the sampling noise of the test set; the seed spread is the training noise.
+    """
+    diffs = np.array([r["full adapter"]["auc"] - r[other]["auc"] for r in runs])
+    y = predictions[0]["label"]
+    rng = np.random.default_rng(seed)
+    boot = np.empty(BOOTSTRAP)
+    for b in range(BOOTSTRAP):
+        rows = rng.integers(0, len(y), len(y))
+        while y[rows].min() == y[rows].max():  # an AUC needs both labels
+            rows = rng.integers(0, len(y), len(y))
+        boot[b] = np.mean(
+            [
+                _rank_auc(y[rows], pr["full adapter"][rows]) - _rank_auc(y[rows], pr[other][rows])
+                for pr in predictions
+            ]
+        )
+    low, high = np.quantile(boot, [0.025, 0.975])
+    return {
+        "per_seed": [float(d) for d in diffs],
+        "mean": float(diffs.mean()),
+        "std": _std(diffs),
+        "min": float(diffs.min()),
+        "max": float(diffs.max()),
+        "bootstrap_95": [float(low), float(high)],
+        "bootstrap_draws": BOOTSTRAP,
+    }
+
+
+def _rank_auc(y: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney statistic (ties averaged): the same number as scikit-learn's,
+    without its input checks, which dominate the bootstrap's thousands of calls."""
+    ranks = rankdata(score)
+    pos = y == 1
+    n_pos = int(pos.sum())
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(y) - n_pos)))
+
+
+def _search_summary(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per candidate: mean validation loss and test AUC over seeds, and how often it was chosen."""
+    out: dict[str, dict[str, float]] = {}
+    for key in runs[0]["search"]:
+        chosen = [
+            key
+            == _candidate_key(
+                r["full adapter"]["chosen_keep_fraction"],
+                r["full adapter"]["chosen_strength"],
+                r["full adapter"]["chosen_from_teacher"],
+            )
+            for r in runs
+        ]
+        out[key] = {
+            "val_loss_mean": float(np.mean([r["search"][key]["val_loss"] for r in runs])),
+            "test_auc_mean": float(np.mean([r["search"][key]["auc"] for r in runs])),
+            "times_chosen": float(sum(chosen)),
+        }
+    return out
+
+
+def summarise(
+    results: dict[str, list[dict[str, dict[str, float]]]],
+    predictions: dict[str, list[dict[str, np.ndarray]]],
+) -> dict[str, object]:
+    """Mean and std over seeds per target and row, paired differences, and the checks."""
     summary: dict[str, object] = {}
     for category, runs in results.items():
         rows: dict[str, dict[str, float]] = {}
@@ -417,11 +537,12 @@ def summarise(results: dict[str, list[dict[str, dict[str, float]]]]) -> dict[str
             for metric in ("auc", "log_loss"):
                 values = np.array([r[row][metric] for r in runs])
                 rows.setdefault(row, {})[f"{metric}_mean"] = float(values.mean())
-                rows[row][f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+                rows[row][f"{metric}_std"] = _std(values)
         full = np.array([r["full adapter"]["auc"] for r in runs])
         only = np.array([r["target-only"]["auc"] for r in runs])
         naive = np.array([r["naive merge"]["auc"] for r in runs])
-        noise = float(only.std(ddof=1)) if len(only) > 1 else 0.0
+        noise = _std(only)
+        differences = {other: paired(runs, predictions[category], other) for other in PAIRED}
         checks = [
             {
                 "figure": "full adapter AUC",
@@ -442,11 +563,21 @@ def summarise(results: dict[str, list[dict[str, dict[str, float]]]]) -> dict[str
                 "held": bool((full - only).min() >= -noise),
             },
         ]
+        keys = sorted({k for r in runs for k in r["full adapter"] if k.startswith("selection_")})
         selection = {
-            k.removeprefix("selection_"): float(np.mean([r["full adapter"][k] for r in runs]))
-            for k in runs[0]["full adapter"]
-            if k.startswith("selection_")
+            k.removeprefix("selection_"): float(
+                np.nanmean([r["full adapter"].get(k, np.nan) for r in runs])
+            )
+            for k in keys
         }
+        chosen = [
+            {
+                k.removeprefix("chosen_"): v
+                for k, v in r["full adapter"].items()
+                if k.startswith("chosen_")
+            }
+            for r in runs
+        ]
         figures = [
             {
                 "figure": f"{row} {metric} (mean of {len(runs)} seeds)",
@@ -460,12 +591,26 @@ def summarise(results: dict[str, list[dict[str, dict[str, float]]]]) -> dict[str
             for row in ROWS
             for metric in ("auc", "log_loss")
         ]
+        figures += [
+            {
+                "figure": f"full adapter AUC - {other} AUC, paired by seed (mean of {len(runs)})",
+                "value": d["mean"],
+                "std": d["std"],
+                "bootstrap_95": d["bootstrap_95"],
+                "target": "> 0",
+                "held": bool(d["mean"] > 0),  # type: ignore[operator]
+            }
+            for other, d in differences.items()
+        ]
         summary[category] = {
             "figures": figures + checks,
             "rows": rows,
             "checks": checks,
+            "paired_differences": differences,
             "counts": runs[0]["counts"],
             "full_adapter_selection": selection,
+            "full_adapter_chosen": chosen,
+            "full_adapter_candidates": _search_summary(runs),
         }
     return summary
 
@@ -486,15 +631,38 @@ def print_table(summary: dict[str, object], seeds: int) -> None:
                 f"  {row:34s} {r['auc_mean']:.4f} ± {r['auc_std']:.4f}"
                 f"  {r['log_loss_mean']:.4f} ± {r['log_loss_std']:.4f}"
             )
+        for other, d in body["paired_differences"].items():
+            seeds_text = " ".join(f"{v:+.4f}" for v in d["per_seed"])
+            low, high = d["bootstrap_95"]
+            print(
+                f"  full adapter - {other}: per seed {seeds_text}; mean {d['mean']:+.4f} "
+                f"± {d['std']:.4f}; test-set bootstrap 95 % [{low:+.4f}, {high:+.4f}]"
+            )
         sel = body["full_adapter_selection"]
         print(
             f"  full adapter kept {sel['coarse_kept']:.0f} source samples after the graph, "
             f"{sel['fine_kept']:.0f} after the domain weights (effective "
-            f"{sel['effective_source']:.0f}; domain classifier AUC {sel['domain_auc']:.3f})"
+            f"{sel['effective_source']:.0f}; domain classifier AUC "
+            f"{sel.get('domain_auc', float('nan')):.3f}); mean over seeds"
         )
+        picks = "; ".join(
+            _candidate_key(c["keep_fraction"], c["strength"], c["from_teacher"])
+            for c in body["full_adapter_chosen"]
+        )
+        print(f"  chosen per seed: {picks}")
+        for key, c in body["full_adapter_candidates"].items():
+            print(
+                f"    candidate {key:29s} val log-loss {c['val_loss_mean']:.4f}  "
+                f"test AUC {c['test_auc_mean']:.4f}  chosen {c['times_chosen']:.0f}x"
+            )
         for check in body["checks"]:
             mark = "held" if check["held"] else "NOT held"
             print(f"  check: {check['figure']} {check['value']:.4f} {check['target']}: {mark}")
+
+
+def _choice(value: str) -> float | str:
+    """``auto`` or a number, for ``--keep-fraction`` and ``--strength``."""
+    return value if value == "auto" else float(value)
 
 
 def main() -> None:
@@ -502,10 +670,21 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, help="Ciao folder (default ENCODER_DATA_DIR/ciao)")
     parser.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS))
     parser.add_argument("--cutoff", default="2008-01-01", help="UTC date of the train/test split")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--encoder-epochs", type=int, default=30)
     parser.add_argument("--max-steps", type=int, default=1500, help="step budget per network")
-    parser.add_argument("--keep-fraction", type=float, default=0.5)
+    parser.add_argument(
+        "--keep-fraction",
+        type=_choice,
+        default="auto",
+        help="the full adapter's keep fraction: a number, or auto (chosen on validation)",
+    )
+    parser.add_argument(
+        "--strength",
+        type=_choice,
+        default="auto",
+        help="the full adapter's distillation lambda: a number, or auto (chosen on validation)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument(
         "--cache",
@@ -535,23 +714,26 @@ def main() -> None:
             prepared.save(args.cache)
     print(f"features ready in {time.time() - started:.0f} s: {prepared.x.shape}", flush=True)
     network = {"max_steps": args.max_steps}
+    choice = {"keep_fraction": args.keep_fraction, "strength": args.strength}
     results: dict[str, list[dict[str, dict[str, float]]]] = {c: [] for c in args.targets}
     if args.continual:
         for seed in range(args.seeds):
             for category in args.targets:
-                run = run_continual(prepared, category, seed, network, args.keep_fraction)
+                run = run_continual(prepared, category, seed, network, choice)
                 results[category].append(run)
                 print(f"seed {seed} {category}: {run} ({time.time() - started:.0f} s)", flush=True)
         _write(args, summarise_continual(results), results)
         return
+    predictions: dict[str, list[dict[str, np.ndarray]]] = {c: [] for c in args.targets}
     for seed in range(args.seeds):
         teacher = entire_space_teacher(prepared, seed, network)
         for category in args.targets:
-            run = run_target(prepared, category, teacher, seed, network, args.keep_fraction)
+            run, predicted = run_target(prepared, category, teacher, seed, network, choice)
             results[category].append(run)
+            predictions[category].append(predicted)
             brief = {k: round(v["auc"], 4) for k, v in run.items() if "auc" in v}
             print(f"seed {seed} {category}: {brief} ({time.time() - started:.0f} s)", flush=True)
-    summary = summarise(results)
+    summary = summarise(results, predictions)
     print_table(summary, args.seeds)
     _write(args, summary, results)
 

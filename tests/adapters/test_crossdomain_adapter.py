@@ -49,27 +49,34 @@ def test_adapter_beats_target_only_and_naive_merge_on_a_planted_world() -> None:
     graph = world.graph(
         np.concatenate([np.flatnonzero(world.domain == 0)[:200], np.flatnonzero(world.domain > 0)])
     )
-    plain = {"coarse": False, "fine": False, "distill": "none"}
+    plain = {"coarse": False, "keep_fraction": 1.0, "fine": False, "distill": "none"}
     empty = DomainSamples(np.zeros((0, world.x.shape[1])), np.zeros(0))
     only = CrossDomainAdapter(**plain, **NETWORK).fit(target, empty)
     naive = CrossDomainAdapter(**plain, **NETWORK).fit(target, source)
-    full = CrossDomainAdapter(**NETWORK).fit(target, source, graph=graph)
+    fixed = CrossDomainAdapter(keep_fraction=0.5, strength=1.0, **NETWORK)
+    fixed.fit(target, source, graph=graph)
+    chosen = CrossDomainAdapter(**NETWORK).fit(target, source, graph=graph)
 
     x, y = world.x[test], world.y[test]
     auc = {
         name: _auc(y, m.predict_proba(x))
-        for name, m in [("only", only), ("naive", naive), ("full", full)]
+        for name, m in [("only", only), ("naive", naive), ("fixed", fixed), ("chosen", chosen)]
     }
     assert auc["naive"] < 0.6  # the unrelated domain's opposite rule swamps the target
-    assert auc["full"] > auc["only"] + 0.005
-    assert auc["full"] > auc["naive"] + 0.2
-    assert full.selection is not None
+    # the transfer itself: graph-selected samples and the teacher beat the target alone
+    assert auc["fixed"] > auc["only"] + 0.005
+    assert auc["fixed"] > auc["naive"] + 0.2
+    assert fixed.selection is not None
     related = world.domain[world.domain > 0] == 1
-    assert full.selection.kept[related].mean() > 0.9
-    assert full.selection.kept[~related].mean() < 0.05
+    assert fixed.selection.kept[related].mean() > 0.9
+    assert fixed.selection.kept[~related].mean() < 0.05
     assert {"coarse_kept", "fine_kept", "domain_auc", "effective_source"} <= set(
-        full.selection.stats
+        fixed.selection.stats
     )
+    # the choice sees 40 validation samples here, too few to tell the transfer candidates from
+    # the target-alone fallback reliably; whichever it takes, it never loses to either baseline
+    assert auc["chosen"] >= auc["only"] - 0.005
+    assert auc["chosen"] > auc["naive"] + 0.2
 
 
 def test_update_warm_starts_from_the_previous_student() -> None:

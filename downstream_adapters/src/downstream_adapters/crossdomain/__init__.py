@@ -28,6 +28,7 @@ _NEEDS_TORCH = {
     "CrossDomainAdapter": "adapter",
     "DomainSamples": "adapter",
     "Selection": "adapter",
+    "Candidate": "adapter",
     "BinaryMLP": "model",
     "Distillation": "model",
     "distillation_weight": "distill",

@@ -10,16 +10,29 @@ item) samples described by a feature vector (the user's embedding next to item f
 3. **Adaptive distillation** (:mod:`.distill`): the student learns from the target samples, the
    weighted source samples and an entire-space teacher, with a per-sample weight that trusts the
    teacher only where it fits the label better than the student.
-4. **Continual mode**: :meth:`CrossDomainAdapter.update` trains on a new period starting from
-   the previous student (and teacher), without retraining from scratch.
+4. **Model selection**: how much of the source to keep and how strongly to distil depend on the
+   target (a source that mostly agrees with it is worth keeping whole, a partly harmful one is
+   worth cutting), so by default the adapter fits one student per candidate ``(keep_fraction,
+   strength)`` and keeps the one with the lowest validation log-loss. Log-loss rather than
+   AUC: it is what early stopping already minimises, it is a proper score (a candidate cannot
+   win by being over-confident), and on the few hundred samples a small domain validates on it
+   varies smoothly where a rank AUC moves in coarse steps. The teacher and the graph scores are
+   computed once and shared by every candidate; the domain classifier once per keep fraction.
+   One more candidate, the target alone from a fresh network (no source, no teacher), guards
+   against an entire space that misleads the target: every other candidate starts from the
+   teacher's weights and could not unlearn them on a small target.
+5. **Continual mode**: :meth:`CrossDomainAdapter.update` trains on a new period starting from
+   the previous student (and teacher), with the values chosen at ``fit``, without retraining
+   from scratch.
 
 Samples are passed in time order: the last ``val_fraction`` of the target's samples is the
-validation split that early stopping of every network looks at.
+validation split that early stopping of every network, and the model selection, look at.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
@@ -35,6 +48,7 @@ from downstream_adapters.crossdomain.graph import (
 from downstream_adapters.crossdomain.model import BinaryMLP, Distillation
 
 DistillMode = Literal["adaptive", "fixed", "none"]
+Auto = Literal["auto"]
 
 
 @dataclass
@@ -86,12 +100,32 @@ class Selection:
         return self.weights > 0
 
 
+@dataclass
+class Candidate:
+    """One student of the model selection: its settings, validation log-loss and selection.
+
+    Every candidate's student is kept, so a caller can compare the alternatives the selection
+    turned down (they are small networks).
+    """
+
+    keep_fraction: float
+    strength: float
+    from_teacher: bool
+    val_loss: float
+    selection: Selection
+    student: BinaryMLP
+
+
 class CrossDomainAdapter:
     """Train a target-domain model from its own samples plus the entire space's.
 
     Args:
         coarse: use the graph selection (needs ``graph`` and user/item indices in ``fit``).
-        keep_fraction: share of source samples the graph selection keeps.
+        keep_fraction: share of source samples the graph selection keeps (0 keeps none: the
+            student learns from the target and the teacher only), or ``"auto"``: the best of
+            ``keep_candidates`` on the validation split. Without the graph selection only 0
+            and 1 are possible.
+        keep_candidates: the keep fractions ``"auto"`` tries.
         fine: weight the source samples by the domain classifier's density ratio.
         min_weight: source samples whose normalised weight is below this are dropped.
         max_weight: cap on a normalised weight (bounds the variance of the estimate).
@@ -101,10 +135,16 @@ class CrossDomainAdapter:
         source_weight: multiplies every source sample's weight against the target's 1.
         distill: ``"adaptive"`` (the per-sample weight of :mod:`.distill`), ``"fixed"``
             (``alpha = strength`` everywhere) or ``"none"``.
-        strength, kd_temperature: lambda and tau of the distillation weight.
+        strength: lambda of the distillation weight (0 turns the distillation term off, the
+            student still starts from the teacher), or ``"auto"``: the best of
+            ``strength_candidates`` on the validation split.
+        strength_candidates: the lambdas ``"auto"`` tries.
+        kd_temperature: tau of the distillation weight.
         init_from_teacher: start the student from the teacher's weights (representation
             transfer) at ``init_lr_scale`` times the learning rate, rather than from scratch;
             needs a :class:`BinaryMLP` teacher and a distillation mode other than ``"none"``.
+        fallback: when searching (any ``"auto"``), also try the target alone on a fresh
+            network, the negative-transfer guard of the module docstring.
         val_fraction: the latest share of target samples used for early stopping.
         update_steps: the step budget of a continual :meth:`update`.
         seed: every network's initial weights and minibatch order.
@@ -115,7 +155,8 @@ class CrossDomainAdapter:
         self,
         *,
         coarse: bool = True,
-        keep_fraction: float = 0.5,
+        keep_fraction: float | Auto = "auto",
+        keep_candidates: Sequence[float] = (0.0, 0.25, 0.5, 1.0),
         fine: bool = True,
         min_weight: float = 0.05,
         max_weight: float = 10.0,
@@ -123,10 +164,12 @@ class CrossDomainAdapter:
         domain_columns: np.ndarray | None = None,
         source_weight: float = 1.0,
         distill: DistillMode = "adaptive",
-        strength: float = 1.0,
+        strength: float | Auto = "auto",
+        strength_candidates: Sequence[float] = (0.0, 1.0),
         kd_temperature: float = 0.5,
         init_from_teacher: bool = True,
         init_lr_scale: float = 0.25,
+        fallback: bool = True,
         val_fraction: float = 0.2,
         update_steps: int = 1000,
         seed: int = 0,
@@ -136,8 +179,15 @@ class CrossDomainAdapter:
             raise ValueError("distill must be 'adaptive', 'fixed' or 'none'")
         if not 0 < val_fraction < 1:
             raise ValueError("val_fraction must be in (0, 1)")
+        keeps = keep_candidates if keep_fraction == "auto" else (keep_fraction,)
+        if not keeps or not all(0 <= float(k) <= 1 for k in keeps):
+            raise ValueError("keep fractions must be in [0, 1]")
+        strengths = strength_candidates if strength == "auto" else (strength,)
+        if not strengths or not all(float(v) >= 0 for v in strengths):
+            raise ValueError("distillation strengths must be >= 0")
         self.coarse = coarse
         self.keep_fraction = keep_fraction
+        self.keep_candidates = tuple(float(k) for k in keep_candidates)
         self.fine = fine
         self.min_weight = min_weight
         self.max_weight = max_weight
@@ -146,9 +196,11 @@ class CrossDomainAdapter:
         self.source_weight = source_weight
         self.distill = distill
         self.strength = strength
+        self.strength_candidates = tuple(float(v) for v in strength_candidates)
         self.kd_temperature = kd_temperature
         self.init_from_teacher = init_from_teacher
         self.init_lr_scale = init_lr_scale
+        self.fallback = fallback
         self.val_fraction = val_fraction
         self.update_steps = update_steps
         self.seed = seed
@@ -157,6 +209,8 @@ class CrossDomainAdapter:
         self.teacher: BinaryMLP | None = None
         self.selection: Selection | None = None
         self.validation: DomainSamples | None = None
+        self.chosen: dict[str, float | bool] = {}
+        self.search: list[Candidate] = []
 
     def fit(
         self,
@@ -170,8 +224,16 @@ class CrossDomainAdapter:
 
         ``teacher`` is an entire-space model already trained (``logit(x)`` is all that is
         used); without one, a :class:`BinaryMLP` is trained on target + all source samples.
+        With ``"auto"`` settings every candidate gets a student; the one with the lowest
+        validation log-loss is kept (``chosen``, ``search``).
         """
-        return self._train(target, source, graph=graph, teacher=teacher, warm_start=False)
+        grid = [(k, v, True) for k in self._keep_grid() for v in self._strength_grid()]
+        searching = "auto" in (self.keep_fraction, self.strength)
+        if self.fallback and searching and self.init_from_teacher and self.distill != "none":
+            grid.append((0.0, 0.0, False))  # last: a tie keeps the teacher's knowledge
+        return self._train(
+            target, source, graph=graph, teacher=teacher, grid=grid, warm_start=False
+        )
 
     def update(
         self,
@@ -183,14 +245,24 @@ class CrossDomainAdapter:
     ) -> Self:
         """Continual mode: the same recipe on a new period, starting from the current student.
 
-        Selection is redone on the new period's samples (and graph, when given); the student,
-        and an internally trained teacher, continue from their weights for ``update_steps``.
-        Early stopping looks at the new period's validation split together with the previous
-        ones, so an update that fits the new period by forgetting the old one is not kept.
+        Selection is redone on the new period's samples (and graph, when given) with the keep
+        fraction and strength chosen at ``fit`` (no new search: one student continues); the
+        student, and an internally trained teacher, continue from their weights for
+        ``update_steps``. Early stopping looks at the new period's validation split together
+        with the previous ones, so an update that fits the new period by forgetting the old
+        one is not kept.
         """
         if self.student is None:
             raise RuntimeError("fit the adapter before updating it")
-        return self._train(target, source, graph=graph, teacher=teacher, warm_start=True)
+        chosen = self.chosen
+        grid = [
+            (
+                float(chosen["keep_fraction"]),
+                float(chosen["strength"]),
+                bool(chosen["from_teacher"]),
+            )
+        ]
+        return self._train(target, source, graph=graph, teacher=teacher, grid=grid, warm_start=True)
 
     def logit(self, x: np.ndarray) -> np.ndarray:
         if self.student is None:
@@ -208,17 +280,65 @@ class CrossDomainAdapter:
         target: DomainSamples,
         source: DomainSamples,
         graph: InteractionGraph | None = None,
+        *,
+        keep_fraction: float | None = None,
     ) -> Selection:
-        """Coarse then fine selection; the student's weight of every source sample (0 = out)."""
-        kept = np.ones(len(source), dtype=bool)
-        scores = None
-        if self.coarse:
-            if graph is None or source.users is None or target.users is None:
-                raise ValueError("the graph selection needs a graph and user/item indices")
-            assert source.items is not None and target.items is not None
-            lift = node_lift(graph, target.users, target.items)
-            scores = sample_scores(graph, lift, source.users, source.items)
-            kept = coarse_select(scores, self.keep_fraction)
+        """Coarse then fine selection; the student's weight of every source sample (0 = out).
+
+        ``keep_fraction`` defaults to the configured one, or the one ``fit`` chose.
+        """
+        if keep_fraction is None:
+            if self.keep_fraction != "auto":
+                keep_fraction = float(self.keep_fraction)
+            elif "keep_fraction" in self.chosen:
+                keep_fraction = float(self.chosen["keep_fraction"])
+            else:
+                raise RuntimeError("keep_fraction='auto' is chosen by fit: fit first or pass one")
+        return self._select(
+            target, source, self._graph_scores(target, source, graph), keep_fraction
+        )
+
+    def _keep_grid(self) -> list[float]:
+        """Keep fractions to try; without the graph ranking only "none" and "all" exist."""
+        keeps = list(self.keep_candidates) if self.keep_fraction == "auto" else [self.keep_fraction]
+        if not self.coarse:
+            keeps = [k for k in keeps if k in (0.0, 1.0)] or [1.0]
+        return sorted(set(float(k) for k in keeps))
+
+    def _strength_grid(self) -> list[float]:
+        if self.distill == "none":
+            return [0.0]
+        chosen = self.strength_candidates if self.strength == "auto" else [self.strength]
+        return sorted(set(float(v) for v in chosen))
+
+    def _graph_scores(
+        self,
+        target: DomainSamples,
+        source: DomainSamples,
+        graph: InteractionGraph | None,
+    ) -> np.ndarray | None:
+        """Every source sample's closeness to the target on the graph (None without ``coarse``)."""
+        if not self.coarse:
+            return None
+        if graph is None or source.users is None or target.users is None:
+            raise ValueError("the graph selection needs a graph and user/item indices")
+        assert source.items is not None and target.items is not None
+        lift = node_lift(graph, target.users, target.items)
+        return sample_scores(graph, lift, source.users, source.items)
+
+    def _select(
+        self,
+        target: DomainSamples,
+        source: DomainSamples,
+        scores: np.ndarray | None,
+        keep_fraction: float,
+    ) -> Selection:
+        if keep_fraction == 0:
+            kept = np.zeros(len(source), dtype=bool)
+        elif scores is not None:
+            kept = coarse_select(scores, keep_fraction)
+        else:
+            kept = np.ones(len(source), dtype=bool)
         weights = np.zeros(len(source))
         weights[kept] = 1.0
         stats: dict[str, float] = {"coarse_kept": float(kept.sum())}
@@ -253,45 +373,84 @@ class CrossDomainAdapter:
         *,
         graph: InteractionGraph | None,
         teacher: BinaryMLP | None,
+        grid: list[tuple[float, float, bool]],
         warm_start: bool,
     ) -> Self:
+        """One student per ``(keep_fraction, strength, from_teacher)`` of ``grid``; the best on
+        validation stays.
+
+        A continual update (``warm_start``) continues a copy of the current student; a fit
+        starts each candidate afresh. The teacher, its logits and the graph scores are shared
+        by every candidate, the selection by the candidates of one keep fraction.
+        """
         train, validation = self.split(target)
         if warm_start and self.validation is not None:
             # early stopping also judges the previous period, so a forgetting update loses
             validation = _concat(self.validation, validation)
-        self.validation = validation
-        self.selection = self.select(train, source, graph)
         if teacher is not None:
             self.teacher = teacher
         elif self.distill != "none":
             self.teacher = self._entire_space(train, source, validation, warm_start)
-        kept = self.selection.kept
-        x = np.concatenate([train.x, source.x[kept]])
-        y = np.concatenate([train.y, source.y[kept]])
-        w = np.concatenate([np.ones(len(train)), self.source_weight * self.selection.weights[kept]])
-        distillation = None
-        if self.distill != "none":
-            assert self.teacher is not None
-            distillation = Distillation(
-                self.teacher.logit(x),
-                strength=self.strength,
-                temperature=self.kd_temperature,
-                adaptive=self.distill == "adaptive",
-            )
-        continued = warm_start and self.student is not None
-        if not continued:
-            self.student = self._initial_student()
-        assert self.student is not None
-        self.student.fit(
-            x,
-            y,
-            validation=(validation.x, validation.y),
-            sample_weight=w,
-            distillation=distillation,
-            # a student copied from the teacher continues from its weights and input scaling
-            warm_start=continued or self.student.module is not None,
-            max_steps=self.update_steps if continued else None,
+        teacher_logit = (
+            None
+            if self.teacher is None or self.distill == "none"
+            else self.teacher.logit(np.concatenate([train.x, source.x]))
         )
+        needs_graph = any(keep > 0 for keep, _, _ in grid)
+        scores = self._graph_scores(train, source, graph) if needs_graph else None
+        selections: dict[float, Selection] = {}
+        search: list[Candidate] = []
+        for keep, strength, from_teacher in grid:
+            if keep not in selections:
+                selections[keep] = self._select(train, source, scores, keep)
+            selection = selections[keep]
+            rows = np.concatenate(
+                [np.arange(len(train)), len(train) + np.flatnonzero(selection.kept)]
+            )
+            x = np.concatenate([train.x, source.x[selection.kept]])
+            y = np.concatenate([train.y, source.y[selection.kept]])
+            w = np.concatenate(
+                [np.ones(len(train)), self.source_weight * selection.weights[selection.kept]]
+            )
+            distillation = (
+                None
+                if teacher_logit is None or not from_teacher
+                else Distillation(
+                    teacher_logit[rows],
+                    strength=strength,
+                    temperature=self.kd_temperature,
+                    adaptive=self.distill == "adaptive",
+                )
+            )
+            if warm_start:
+                student = copy.deepcopy(self.student)
+            elif from_teacher:
+                student = self._initial_student()
+            else:
+                student = BinaryMLP(seed=self.seed, **self.network)
+            assert student is not None
+            student.fit(
+                x,
+                y,
+                validation=(validation.x, validation.y),
+                sample_weight=w,
+                distillation=distillation,
+                # a student copied from the teacher continues from its weights and input scaling
+                warm_start=warm_start or student.module is not None,
+                max_steps=self.update_steps if warm_start else None,
+            )
+            loss = _log_loss(validation.y, student.logit(validation.x))
+            search.append(Candidate(keep, strength, from_teacher, loss, selection, student))
+        best = min(search, key=lambda c: c.val_loss)  # ties: the first in grid order
+        self.validation = validation
+        self.search = search
+        self.chosen = {
+            "keep_fraction": best.keep_fraction,
+            "strength": best.strength,
+            "from_teacher": best.from_teacher,
+        }
+        self.selection = best.selection
+        self.student = best.student
         return self
 
     def _initial_student(self) -> BinaryMLP:
@@ -350,6 +509,12 @@ def _concat(a: DomainSamples, b: DomainSamples) -> DomainSamples:
         both(a.users, b.users),
         both(a.items, b.items),
     )
+
+
+def _log_loss(labels: np.ndarray, logit: np.ndarray) -> float:
+    """Mean binary cross-entropy of logits, computed stably (``log(1 + e^z) - y z``)."""
+    logit = np.asarray(logit, dtype=np.float64)
+    return float(np.mean(np.logaddexp(0.0, logit) - np.asarray(labels) * logit))
 
 
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
