@@ -162,6 +162,7 @@ def _train_and_publish(
             version=version,
             out_dir=settings.home / "models",
             config=config,
+            popularity_bins=settings.popularity_bins,
             exclude_profile=exclude_profile,
         )
         metrics = trained.manifest["metrics"]

@@ -49,6 +49,14 @@ class Settings(BaseSettings):
         default=None, description="Folder holding real data sets (movielens-100k/, ciao/)."
     )
     embedding_dim: int = Field(default=64, ge=2, le=4096)
+    popularity_bins: int = Field(
+        default=0,
+        ge=0,
+        le=100,
+        description="Item-popularity histogram bins in the features of a newly trained version "
+        "(the `popularity` group; 0 = none). Helps tell bot-like users apart; see "
+        "docs/evaluation.md before switching it on.",
+    )
     seed: int = 0
 
     # --- API ---------------------------------------------------------------------------------

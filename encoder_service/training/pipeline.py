@@ -22,7 +22,6 @@ from encoder_service.data.tables import Dataset
 from encoder_service.encoder import CATALOG_FILE, MODEL_FILE, ModelArtifacts
 from encoder_service.features.build import build_catalog, build_states, fit_schema
 from encoder_service.features.catalog import ItemCatalog
-from encoder_service.features.popularity import POPULARITY_BINS
 from encoder_service.features.schema import FeatureSchema
 from encoder_service.features.state import FeatureState
 from encoder_service.features.vectorize import Vectorizer
@@ -83,7 +82,7 @@ def prepare_features(
     dataset: Dataset,
     *,
     item_vector_dim: int = 32,
-    popularity_bins: int = POPULARITY_BINS,
+    popularity_bins: int = 0,
     exclude_profile: Sequence[str] = (),
     seed: int = 0,
 ) -> PreparedFeatures:
@@ -139,7 +138,7 @@ def train_version(
     out_dir: Path,
     config: TrainConfig,
     item_vector_dim: int = 32,
-    popularity_bins: int = POPULARITY_BINS,
+    popularity_bins: int = 0,
     exclude_profile: Sequence[str] = (),
     parent_version: str | None = None,
     progress: bool = True,
