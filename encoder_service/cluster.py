@@ -63,9 +63,7 @@ def mget(client: redis.Redis, keys: Sequence[str | bytes]) -> list[bytes | None]
         return []
     if not is_cluster(client):
         return cast(list[bytes | None], client.mget(keys))
-    by_slot: dict[int, list[int]] = {}
-    for position, key in enumerate(keys):
-        by_slot.setdefault(slot_of(key), []).append(position)
+    by_slot = group_by_slot(range(len(keys)), keys.__getitem__)
     commands = [(slot, ("MGET", *(keys[i] for i in group))) for slot, group in by_slot.items()]
     try:
         replies = _per_node(client, commands)
@@ -146,9 +144,7 @@ async def mget_async(
         return cast(list[bytes | None], await client.mget(keys))
     cluster_client = cast(redis.asyncio.cluster.RedisCluster, client)
     await cluster_client.initialize()
-    by_slot: dict[int, list[int]] = {}
-    for position, key in enumerate(keys):
-        by_slot.setdefault(slot_of(key), []).append(position)
+    by_slot = group_by_slot(range(len(keys)), keys.__getitem__)
     by_node: dict[str, tuple[Any, list[list[int]]]] = {}
     nodes = cluster_client.nodes_manager
     for slot, positions in by_slot.items():
