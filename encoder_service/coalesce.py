@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import redis.asyncio
 
 from encoder_service import cluster
+from encoder_service.pipelined import PipelinedConnection
 
 MAX_KEYS_PER_MGET = 2048
 
@@ -32,12 +33,20 @@ class CoalescingReader:
         self._pending: list[tuple[Sequence[str], asyncio.Future[list[bytes | None]]]] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
-        # Chosen once: the single-server hot path stays one plain MGET call.
+        # Chosen once: on a single server the MGET goes down one pipelined connection (redis-py
+        # where that cannot be used: TLS, no hiredis), on a cluster it is split per slot.
+        on_cluster = cluster.is_cluster(client)
+        self._pipelined = None if on_cluster else PipelinedConnection.for_client(client)
         self._mget = (
             functools.partial(cluster.mget_async, client)
-            if cluster.is_cluster(client)
-            else client.mget
+            if on_cluster
+            else (self._pipelined or client).mget
         )
+
+    async def aclose(self) -> None:
+        """Close the pipelined connection, if any (the client is its owner's to close)."""
+        if self._pipelined is not None:
+            await self._pipelined.aclose()
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         loop = asyncio.get_running_loop()

@@ -88,6 +88,16 @@ def _async_retry() -> redis.asyncio.retry.Retry:
     )
 
 
+def reconnect_retry() -> redis.asyncio.retry.Retry:
+    """The clients' backoff, for connection failures only: a call that already waited out a
+    reply timeout is not made to wait several more."""
+    return redis.asyncio.retry.Retry(
+        ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S),
+        RETRIES,
+        supported_errors=(redis.ConnectionError,),
+    )
+
+
 def is_cluster_deployment(url: str) -> bool:
     """Whether ``url`` is a Redis Cluster node, as ``ENCODER_REDIS_CLUSTER`` decides.
 

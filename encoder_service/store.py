@@ -305,6 +305,9 @@ class AsyncEmbeddingStore:
         self._reader = CoalescingReader(client)
         self._cluster = cluster.is_cluster(client)
 
+    async def aclose(self) -> None:
+        await self._reader.aclose()
+
     async def read_embedding(self, version: str, user_id: str) -> tuple[bytes | None, bytes | None]:
         """The raw embedding and the user's meta record, in one MGET (one slot, one trip)."""
         raw, meta = await self._reader.mget((embedding_key(version, user_id), meta_key(user_id)))

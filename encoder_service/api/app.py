@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             finally:
                 gc.unfreeze()  # an app run in-process must not leave its host's heap frozen
                 await service.reads.stop()
+                await service.store.aclose()
                 await client.aclose()
 
     app = FastAPI(
