@@ -1,10 +1,10 @@
 """Coalesce concurrent single-key reads into one MGET per event-loop turn.
 
 Under load the API's cost per request is dominated by the client's per-command work (building
-the command, writing it, parsing the reply), not by Redis. Requests that arrive in the same turn of the
-event loop ask for their keys here; one MGET fetches them all on the next turn and every waiter
-gets its slice. With one request in flight this adds one loop turn (microseconds); with 32 in
-flight it replaces 32 round trips by one.
+the command, writing it, parsing the reply), not by Redis. Requests that arrive in the same
+turn of the event loop ask for their keys here; one MGET fetches them all on the next turn and
+every waiter gets its slice. With one request in flight this adds one loop turn
+(microseconds); with 32 in flight it replaces 32 round trips by one.
 """
 
 from __future__ import annotations
