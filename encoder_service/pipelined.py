@@ -98,7 +98,9 @@ class PipelinedConnection:
         connect_timeout: float,
         retry: Retry,
     ) -> None:
-        self._address = {"path": path} if path else {"host": host, "port": port}
+        self._path = path
+        self._host = host or "localhost"
+        self._port = port
         self._handshake = [
             cmd
             for cmd in (
@@ -157,7 +159,7 @@ class PipelinedConnection:
         protocol = self._protocol
         if protocol is None or protocol.closed:
             protocol = await self._connect()
-        future = protocol.send(hiredis.pack_command(command))
+        future = protocol.send(_pack(command))
         try:
             async with asyncio.timeout(self._timeout):
                 return await future
@@ -174,13 +176,11 @@ class PipelinedConnection:
             loop = asyncio.get_running_loop()
             try:
                 async with asyncio.timeout(self._connect_timeout):
-                    if "path" in self._address:
-                        _, protocol = await loop.create_unix_connection(
-                            _ReplyProtocol, self._address["path"]
-                        )
+                    if self._path:
+                        _, protocol = await loop.create_unix_connection(_ReplyProtocol, self._path)
                     else:
                         _, protocol = await loop.create_connection(
-                            _ReplyProtocol, self._address["host"], self._address["port"]
+                            _ReplyProtocol, self._host, self._port
                         )
             except (OSError, TimeoutError) as exc:
                 raise redis.exceptions.ConnectionError(
@@ -189,7 +189,7 @@ class PipelinedConnection:
             try:
                 async with asyncio.timeout(self._timeout):
                     for command in self._handshake:
-                        await protocol.send(hiredis.pack_command(command))
+                        await protocol.send(_pack(command))
             except BaseException as exc:
                 if protocol.transport is not None:
                     protocol.transport.close()
@@ -203,6 +203,9 @@ class PipelinedConnection:
         await self.aclose()
 
     def _describe(self) -> str:
-        if "path" in self._address:
-            return str(self._address["path"])
-        return f"{self._address['host']}:{self._address['port']}"
+        return self._path or f"{self._host}:{self._port}"
+
+
+def _pack(command: tuple[str, ...]) -> bytes:
+    # hiredis's stub types the argument as a one-element tuple; any tuple of str is accepted.
+    return hiredis.pack_command(command)  # type: ignore[arg-type]
