@@ -163,6 +163,7 @@ def _train_and_publish(
             out_dir=settings.home / "models",
             config=config,
             popularity_bins=settings.popularity_bins,
+            item_vector_dim=settings.item_vector_dim,
             exclude_profile=exclude_profile,
         )
         metrics = trained.manifest["metrics"]

@@ -57,6 +57,15 @@ class Settings(BaseSettings):
         "(the `popularity` group; 0 = none). Helps tell bot-like users apart; see "
         "docs/evaluation.md before switching it on.",
     )
+    item_vector_dim: int = Field(
+        default=32,
+        ge=1,
+        le=1024,
+        description="Width of the item vectors learned from co-occurrence for a newly trained "
+        "version (the `item_taste` group). Wider vectors keep more of which items a user chose "
+        "(128 lifts age accuracy on MovieLens-100K by about 2 points) and cost 12 bytes of "
+        "state per user per extra dimension (docs/evaluation.md).",
+    )
     seed: int = 0
 
     # --- API ---------------------------------------------------------------------------------
