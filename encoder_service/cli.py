@@ -155,7 +155,10 @@ def _train_and_publish(
             f"{len(dataset.items)} items"
         )
         config = TrainConfig(
-            embedding_dim=settings.embedding_dim, epochs=epochs, seed=settings.seed
+            embedding_dim=settings.embedding_dim,
+            epochs=epochs,
+            seed=settings.seed,
+            item_weight=settings.item_set_weight,
         )
         trained = train_version(
             dataset,

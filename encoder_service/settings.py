@@ -66,6 +66,13 @@ class Settings(BaseSettings):
         "(128 lifts age accuracy on MovieLens-100K by about 2 points) and cost 12 bytes of "
         "state per user per extra dimension (docs/evaluation.md).",
     )
+    item_set_weight: float = Field(
+        default=30.0,
+        ge=0.0,
+        description="Weight of the item-set reconstruction when training a new version, in "
+        "units of one normalised feature group (0 = off). Higher keeps more of which items a "
+        "user chose at the expense of the behavioural groups (docs/evaluation.md).",
+    )
     seed: int = 0
 
     # --- API ---------------------------------------------------------------------------------
