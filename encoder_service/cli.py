@@ -155,7 +155,10 @@ def _train_and_publish(
             f"{len(dataset.items)} items"
         )
         config = TrainConfig(
-            embedding_dim=settings.embedding_dim, epochs=epochs, seed=settings.seed
+            embedding_dim=settings.embedding_dim,
+            epochs=epochs,
+            seed=settings.seed,
+            item_weight=settings.item_set_weight,
         )
         trained = train_version(
             dataset,
@@ -163,6 +166,7 @@ def _train_and_publish(
             out_dir=settings.home / "models",
             config=config,
             popularity_bins=settings.popularity_bins,
+            item_vector_dim=settings.item_vector_dim,
             exclude_profile=exclude_profile,
         )
         metrics = trained.manifest["metrics"]

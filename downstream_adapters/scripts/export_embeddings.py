@@ -146,7 +146,10 @@ def main() -> None:
     parser.add_argument("--version", default="ml-eval")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--embedding-dim", type=int, default=64)
-    parser.add_argument("--item-vector-dim", type=int, default=32)
+    parser.add_argument("--item-vector-dim", type=int, default=128)
+    parser.add_argument(
+        "--item-set-weight", type=float, default=100.0, help="item-set reconstruction weight"
+    )
     parser.add_argument(
         "--popularity-bins",
         type=int,
@@ -156,7 +159,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     dataset = load_movielens(args.movielens)
-    config = TrainConfig(embedding_dim=args.embedding_dim, epochs=args.epochs, seed=args.seed)
+    config = TrainConfig(
+        embedding_dim=args.embedding_dim,
+        epochs=args.epochs,
+        seed=args.seed,
+        item_weight=args.item_set_weight,
+    )
     rng = np.random.default_rng(args.seed)
     ood = {"bot": bot_users(dataset, rng), "shuffled": shuffled_users(dataset, rng)}
     if args.ciao is not None:

@@ -219,6 +219,7 @@ def _export(
             "n_events": len(dataset.events),
             "n_items": len(dataset.items),
             "excluded_profile_fields": list(exclude_profile),
+            "item_set_weight": config.item_weight,
         },
         metrics={**metrics, "onnx_parity_max_abs_diff": parity},
         parent_version=parent_version,
