@@ -29,11 +29,14 @@ from downstream_adapters.heads import (
     MLPHead,
     RelationHead,
 )
+from downstream_adapters.heads.ood import OODMethod
 
 SHOTS = (1, 5, 10, 20)
 OOD_TARGET = 0.9
 OOD_TARGET_CASES = ("bot", "shuffled")
 """The cases the 0.9 AUROC target applies to; other cases are reported without a target."""
+OOD_METHODS: tuple[OODMethod, ...] = ("mahalanobis", "minor", "energy")
+"""Every score a head exposes, the default first."""
 OOD_HEADS: dict[str, Callable[[int], ClassifierHead]] = {
     "LinearHead": lambda seed: LinearHead(seed=seed),
     "MLPHead": lambda seed: MLPHead(seed=seed),
@@ -152,7 +155,7 @@ def ood(
     for train, test in folds(task, k, seed):
         for name, make in heads.items():
             head = make(seed).fit(embedding[train], task.y[train])
-            for method in ("mahalanobis", "energy"):
+            for method in OOD_METHODS:
                 inside = head.ood_score(embedding[test], method)
                 for case, x in outliers.items():
                     scores = np.concatenate([inside, head.ood_score(x, method)])

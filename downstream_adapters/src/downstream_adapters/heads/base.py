@@ -8,16 +8,14 @@ temperature), an OOD score, and a flat ``(config, arrays)`` state that saves wit
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
 from torch import nn
 
 from downstream_adapters.heads.calibration import fit_temperature, softmax
-from downstream_adapters.heads.ood import MahalanobisScorer, energy
-
-OODMethod = Literal["mahalanobis", "energy"]
+from downstream_adapters.heads.ood import MahalanobisScorer, MinorAxesScorer, OODMethod, energy
 
 
 def balanced_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
@@ -44,6 +42,7 @@ class ClassifierHead(ABC):
         self.scale = np.ones(0, dtype=np.float32)
         self.module: nn.Module | None = None
         self.scorer: MahalanobisScorer | None = None
+        self.minor: MinorAxesScorer | None = None
 
     @abstractmethod
     def _build(self, dim: int, n_classes: int) -> nn.Module:
@@ -74,6 +73,7 @@ class ClassifierHead(ABC):
         )
         self.module.eval()
         self.scorer = MahalanobisScorer.fit(z, index, k)
+        self.minor = MinorAxesScorer.fit(z, index, k)
         self.temperature = 1.0
         return self
 
@@ -99,12 +99,19 @@ class ClassifierHead(ABC):
         return self.classes_[self.logits(x).argmax(axis=1)]
 
     def ood_score(self, x: np.ndarray, method: OODMethod = "mahalanobis") -> np.ndarray:
-        """``[n]`` out-of-distribution score; higher is less like the training users."""
+        """``[n]`` out-of-distribution score; higher is less like the training users.
+
+        ``mahalanobis`` (the default) and ``minor`` measure the standardised embedding against
+        the class means; ``energy`` reads the logits (see :mod:`downstream_adapters.heads.ood`).
+        """
         if method == "energy":
             return energy(self.logits(x), self.temperature)
         if self.scorer is None:
             raise RuntimeError("fit or load the head first")
-        return self.scorer.score(self._standardise(np.asarray(x, np.float32)))
+        z = self._standardise(np.asarray(x, np.float32))
+        if method == "minor":
+            return require_minor(self.minor).score(z)
+        return self.scorer.score(z)
 
     def _standardise(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.shift) / self.scale).astype(np.float32)
@@ -115,6 +122,8 @@ class ClassifierHead(ABC):
             raise RuntimeError("fit the head before saving it")
         arrays = {f"module.{k}": v.detach().numpy() for k, v in self.module.state_dict().items()}
         arrays.update({f"ood.{k}": v for k, v in self.scorer.arrays().items()})
+        if self.minor is not None:
+            arrays.update({f"ood.minor_{k}": v for k, v in self.minor.arrays().items()})
         arrays.update(classes=self.classes_, shift=self.shift, scale=self.scale)
         config = {"kind": self.kind, "config": self.config, "temperature": self.temperature}
         return config, arrays
@@ -126,6 +135,7 @@ class ClassifierHead(ABC):
         head.shift, head.scale = arrays["shift"], arrays["scale"]
         head.temperature = float(config["temperature"])
         head.scorer = MahalanobisScorer(arrays["ood.means"], arrays["ood.precision"])
+        head.minor = MinorAxesScorer.from_arrays(arrays, "ood.minor_")
         head.module = head._build(len(head.shift), len(head.classes_))
         module_state = {
             k.removeprefix("module."): torch.from_numpy(np.array(v))
@@ -138,6 +148,16 @@ class ClassifierHead(ABC):
         head.module.load_state_dict(module_state)
         head.module.eval()
         return head
+
+
+def require_minor(scorer: MinorAxesScorer | None) -> MinorAxesScorer:
+    """The minor-axes scorer, or a clear error for a head file saved before it existed."""
+    if scorer is None:
+        raise RuntimeError(
+            "this head was saved without the minor-axes OOD statistics: "
+            "use the default ood_score(x, method='mahalanobis') or refit the head"
+        )
+    return scorer
 
 
 def train_minibatch(

@@ -2,7 +2,7 @@
 
 For N tasks this stores one hidden layer instead of N models and runs one shared matrix product
 per user; the evaluation compares it with the per-task heads in the same table. Each task keeps
-its own temperature and OOD class means.
+its own temperature and OOD statistics (class means, covariance, minor axes).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from downstream_adapters.heads.base import OODMethod, balanced_weights
+from downstream_adapters.heads.base import balanced_weights, require_minor
 from downstream_adapters.heads.calibration import fit_temperature, softmax
-from downstream_adapters.heads.ood import MahalanobisScorer, energy
+from downstream_adapters.heads.ood import MahalanobisScorer, MinorAxesScorer, OODMethod, energy
 
 
 class _MultiTask(nn.Module):
@@ -58,6 +58,7 @@ class MultiTaskHead:
         self.classes_: dict[str, np.ndarray] = {}
         self.temperature: dict[str, float] = {}
         self.scorers: dict[str, MahalanobisScorer] = {}
+        self.minor: dict[str, MinorAxesScorer | None] = {}
         self.shift = np.zeros(0, dtype=np.float32)
         self.scale = np.ones(0, dtype=np.float32)
         self.module: _MultiTask | None = None
@@ -79,6 +80,7 @@ class MultiTaskHead:
             targets[task] = torch.from_numpy(index.astype(np.int64))
             losses[task] = nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32))
             self.scorers[task] = MahalanobisScorer.fit(z.numpy(), index, k)
+            self.minor[task] = MinorAxesScorer.fit(z.numpy(), index, k)
             self.temperature[task] = 1.0
         torch.manual_seed(self.config["seed"])
         c = self.config
@@ -119,9 +121,13 @@ class MultiTaskHead:
         return {t: self.classes_[t][v.argmax(axis=1)] for t, v in self.logits(x).items()}
 
     def ood_score(self, x: np.ndarray, task: str, method: OODMethod = "mahalanobis") -> np.ndarray:
+        """``[n]`` OOD score against ``task``'s classes (as ``ClassifierHead.ood_score``)."""
         if method == "energy":
             return energy(self.logits(x)[task], self.temperature[task])
-        return self.scorers[task].score(self._standardise(np.asarray(x, np.float32)))
+        z = self._standardise(np.asarray(x, np.float32))
+        if method == "minor":
+            return require_minor(self.minor[task]).score(z)
+        return self.scorers[task].score(z)
 
     def _standardise(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.shift) / self.scale).astype(np.float32)
@@ -134,6 +140,9 @@ class MultiTaskHead:
             arrays[f"classes.{task}"] = self.classes_[task]
             for name, value in self.scorers[task].arrays().items():
                 arrays[f"ood.{task}.{name}"] = value
+            minor = self.minor.get(task)
+            for name, value in (minor.arrays() if minor is not None else {}).items():
+                arrays[f"ood.{task}.minor_{name}"] = value
         arrays.update(shift=self.shift, scale=self.scale)
         config = {
             "kind": self.kind,
@@ -152,6 +161,7 @@ class MultiTaskHead:
             head.scorers[task] = MahalanobisScorer(
                 arrays[f"ood.{task}.means"], arrays[f"ood.{task}.precision"]
             )
+            head.minor[task] = MinorAxesScorer.from_arrays(arrays, f"ood.{task}.minor_")
         head.temperature = {t: float(v) for t, v in config["temperature"].items()}
         c = head.config
         sizes = {t: len(k) for t, k in head.classes_.items()}
