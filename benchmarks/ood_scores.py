@@ -262,6 +262,9 @@ CANDIDATES: dict[str, Callable[[np.ndarray, np.ndarray], Scorer]] = {
     "Mahalanobis, one Gaussian (no labels)": standardised(maha_background),
     "relative Mahalanobis": standardised(maha_relative),
     "Mahalanobis on minor axes (beyond 90 %)": standardised(maha_minor),
+    "minor axes as in heads/ood.py (variance floor)": standardised(
+        lambda z, y: ood.MinorAxesScorer.fit(z, y, int(y.max()) + 1).score
+    ),
     "PCA residual (beyond 90 %)": standardised(pca_residual),
     "GMM negative log-likelihood (BIC)": standardised(gmm_bic),
     "kNN cosine, k=1 (rule)": knn(1),
@@ -331,16 +334,21 @@ def encode_seed(seed: int, movielens: Path, ciao: Path | None, stage: str) -> di
     return out
 
 
-def score_seed(data: dict[str, Any], n_folds: int) -> dict[str, dict[str, list[float]]]:
-    """``{candidate: {case: [AUROC per fold]}}``; a validation corruption's positives are the
-    corrupted histories of the fold's held-out users, a test case's are all its users."""
+def score_seed(
+    data: dict[str, Any], n_folds: int, positives: str
+) -> dict[str, dict[str, list[float]]]:
+    """``{candidate: {case: [AUROC per fold]}}``. A validation corruption's positives are the
+    corrupted histories of the fold's held-out users (``held-out``) or of every user (``all``:
+    as the test cases are built, most of them from users the scorer was fitted on); a test
+    case's positives are all its users."""
     x, task = data["x"], Task("gender", data["gender"])
     index = np.unique(task.y, return_inverse=True)[1]
     rng = np.random.default_rng(0)
     out: dict[str, dict[str, list[float]]] = {}
     for train, held in folds(task, n_folds, 0):
-        outliers = {case: points[held] for case, points in data["validation"].items()}
-        outliers["blended"] = blended(x[held], rng).astype(np.float32)
+        rows = held if positives == "held-out" else np.arange(len(x))
+        outliers = {case: points[rows] for case, points in data["validation"].items()}
+        outliers["blended"] = blended(x[rows], rng).astype(np.float32)
         outliers.update(data["test"])
         for name, fit in CANDIDATES.items():
             scorer = fit(x[train].astype(np.float64), index[train])
@@ -398,6 +406,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--stage", choices=("validation", "test"), default="test")
+    parser.add_argument(
+        "--positives",
+        choices=("held-out", "all"),
+        default="held-out",
+        help="which users' corruptions are the validation positives",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     movielens, ciao = _data_dir(args.movielens, "movielens-100k"), _data_dir(args.ciao, "ciao")
@@ -405,7 +419,7 @@ def main() -> None:
     per_seed = {}
     for seed in args.seeds:
         data = encode_seed(seed, movielens, ciao if ciao.exists() else None, args.stage)
-        per_seed[seed] = score_seed(data, args.folds)
+        per_seed[seed] = score_seed(data, args.folds, args.positives)
         print(f"seed {seed} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     rows = summarise(per_seed)
     print_table(rows, args.seeds)
@@ -421,6 +435,7 @@ def main() -> None:
             "seeds": args.seeds,
             "folds": args.folds,
             "validation_cases": list(VALIDATION_CASES),
+            "validation_positives": args.positives,
             "rule": "highest mean validation AUROC over the corruptions and seeds, among the "
             f"scores with a far-cluster AUROC >= {FAR_CLUSTER_FLOOR}",
             "chosen": chosen,
