@@ -94,6 +94,16 @@ def test_multitask_head_scores_each_task_and_round_trips(tmp_path: Path) -> None
             )
 
 
+def test_an_unknown_method_is_refused_by_name() -> None:
+    x, y = clusters(200)
+    head = LinearHead(epochs=2).fit(x, y)
+    with pytest.raises(ValueError, match="unknown OOD method 'knn': use one of mahalanobis, minor"):
+        head.ood_score(x[:3], "knn")  # type: ignore[arg-type]
+    multitask = MultiTaskHead(epochs=2).fit(x, {"cluster": y})
+    with pytest.raises(ValueError, match="unknown OOD method"):
+        multitask.ood_score(x[:3], "cluster", "Mahalanobis")  # type: ignore[arg-type]
+
+
 def test_a_head_saved_before_the_minor_axes_still_scores_mahalanobis() -> None:
     x, y = clusters(300)
     head = LinearHead(epochs=5).fit(x, y)

@@ -29,14 +29,12 @@ from downstream_adapters.heads import (
     MLPHead,
     RelationHead,
 )
-from downstream_adapters.heads.ood import OODMethod
+from downstream_adapters.heads.ood import OOD_METHODS
 
 SHOTS = (1, 5, 10, 20)
 OOD_TARGET = 0.9
 OOD_TARGET_CASES = ("bot", "shuffled")
 """The cases the 0.9 AUROC target applies to; other cases are reported without a target."""
-OOD_METHODS: tuple[OODMethod, ...] = ("mahalanobis", "minor", "energy")
-"""Every score a head exposes, the default first."""
 OOD_HEADS: dict[str, Callable[[int], ClassifierHead]] = {
     "LinearHead": lambda seed: LinearHead(seed=seed),
     "MLPHead": lambda seed: MLPHead(seed=seed),

@@ -15,7 +15,13 @@ import torch
 from torch import nn
 
 from downstream_adapters.heads.calibration import fit_temperature, softmax
-from downstream_adapters.heads.ood import MahalanobisScorer, MinorAxesScorer, OODMethod, energy
+from downstream_adapters.heads.ood import (
+    MahalanobisScorer,
+    MinorAxesScorer,
+    OODMethod,
+    check_method,
+    energy,
+)
 
 
 def balanced_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
@@ -104,6 +110,7 @@ class ClassifierHead(ABC):
         ``mahalanobis`` (the default) and ``minor`` measure the standardised embedding against
         the class means; ``energy`` reads the logits (see :mod:`downstream_adapters.heads.ood`).
         """
+        check_method(method)
         if method == "energy":
             return energy(self.logits(x), self.temperature)
         if self.scorer is None:

@@ -16,7 +16,13 @@ from torch import nn
 
 from downstream_adapters.heads.base import balanced_weights, require_minor
 from downstream_adapters.heads.calibration import fit_temperature, softmax
-from downstream_adapters.heads.ood import MahalanobisScorer, MinorAxesScorer, OODMethod, energy
+from downstream_adapters.heads.ood import (
+    MahalanobisScorer,
+    MinorAxesScorer,
+    OODMethod,
+    check_method,
+    energy,
+)
 
 
 class _MultiTask(nn.Module):
@@ -122,6 +128,7 @@ class MultiTaskHead:
 
     def ood_score(self, x: np.ndarray, task: str, method: OODMethod = "mahalanobis") -> np.ndarray:
         """``[n]`` OOD score against ``task``'s classes (as ``ClassifierHead.ood_score``)."""
+        check_method(method)
         if method == "energy":
             return energy(self.logits(x)[task], self.temperature[task])
         z = self._standardise(np.asarray(x, np.float32))

@@ -19,11 +19,13 @@ training user sits, whatever the head.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
 OODMethod = Literal["mahalanobis", "minor", "energy"]
+OOD_METHODS: tuple[OODMethod, ...] = get_args(OODMethod)
+"""Every score a head exposes, the default first."""
 SHRINKAGE = 0.1
 """Weight of the scaled identity mixed into the covariance, so few users still invert it."""
 MAJOR_SHARE = 0.9
@@ -31,6 +33,12 @@ MAJOR_SHARE = 0.9
 VARIANCE_FLOOR = 1e-3
 """Added to each minor axis's variance (as to the full covariance's diagonal), so an axis along
 which the training users do not vary at all cannot turn rounding noise into a huge score."""
+
+
+def check_method(method: str) -> None:
+    """Refuse a misspelt method rather than fall back to another score silently."""
+    if method not in OOD_METHODS:
+        raise ValueError(f"unknown OOD method {method!r}: use one of {', '.join(OOD_METHODS)}")
 
 
 def _class_means(x: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
