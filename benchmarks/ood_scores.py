@@ -16,11 +16,13 @@ reviewers), and every candidate score is fitted on the training folds' real Movi
 The rule, fixed before any test figure: the candidate with the highest mean validation AUROC
 over the three corruptions and every seed, among those that also flag a far synthetic cluster
 (the heads' unit-test property, column ``far``: AUROC >= 0.95 for points scaled by 3 and
-shifted by 6). ``--stage validation`` computes only the validation table, so the choice can be
-recorded before the test table exists.
+shifted by 6; added after a first validation run, before any test figure). ``--stage
+validation`` computes only the validation table, so the choice can be recorded before the test
+table exists. ``--positives all`` makes the corruptions of every user the validation positives,
+as the test cases are built from every user (most of them in the training folds).
 
     python benchmarks/ood_scores.py [--movielens DIR] [--ciao DIR] [--seeds 0 1 2 3 4] \\
-        [--stage validation|test] [--json benchmarks/results/ood-scores.json]
+        [--stage validation|test] [--positives held-out|all] [--json PATH]
 """
 
 from __future__ import annotations
