@@ -51,7 +51,7 @@ class Adapter:
             out[found] = head.predict_proba(vectors[found])
         return out
 
-    def ood_score(self, user_ids: Sequence[str], method: OODMethod = "mahalanobis") -> np.ndarray:
+    def ood_score(self, user_ids: Sequence[str], method: OODMethod = "knn") -> np.ndarray:
         """OOD score per user (``ClassifierHead.ood_score``); NaN for users with no embedding."""
         vectors, found = self._embeddings(user_ids)
         out = np.full(len(user_ids), np.nan)

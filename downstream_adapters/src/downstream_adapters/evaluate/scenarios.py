@@ -147,7 +147,9 @@ def ood(
 
     The positives of a fold are every user of the case, the negatives the fold's held-out real
     users; nothing about the OOD users is seen when fitting, so no score is tuned on them.
-    ``target`` is :data:`OOD_TARGET` for the cases in :data:`OOD_TARGET_CASES`, else ``None``.
+    ``target`` is :data:`OOD_TARGET` for the cases in :data:`OOD_TARGET_CASES`, else ``None``;
+    it is the default score's target (``knn``), and the other scores' rows are held against it
+    for comparison.
     """
     raw: dict[str, dict[str, list[float]]] = {}
     for train, test in folds(task, k, seed):

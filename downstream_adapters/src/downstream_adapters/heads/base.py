@@ -16,11 +16,13 @@ from torch import nn
 
 from downstream_adapters.heads.calibration import fit_temperature, softmax
 from downstream_adapters.heads.ood import (
+    DEFAULT_METHOD,
+    KNNScorer,
     MahalanobisScorer,
-    MinorAxesScorer,
     OODMethod,
     check_method,
     energy,
+    require_knn,
 )
 
 
@@ -48,7 +50,7 @@ class ClassifierHead(ABC):
         self.scale = np.ones(0, dtype=np.float32)
         self.module: nn.Module | None = None
         self.scorer: MahalanobisScorer | None = None
-        self.minor: MinorAxesScorer | None = None
+        self.knn: KNNScorer | None = None
 
     @abstractmethod
     def _build(self, dim: int, n_classes: int) -> nn.Module:
@@ -79,7 +81,7 @@ class ClassifierHead(ABC):
         )
         self.module.eval()
         self.scorer = MahalanobisScorer.fit(z, index, k)
-        self.minor = MinorAxesScorer.fit(z, index, k)
+        self.knn = KNNScorer.fit(z)
         self.temperature = 1.0
         return self
 
@@ -104,11 +106,13 @@ class ClassifierHead(ABC):
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.classes_[self.logits(x).argmax(axis=1)]
 
-    def ood_score(self, x: np.ndarray, method: OODMethod = "mahalanobis") -> np.ndarray:
+    def ood_score(self, x: np.ndarray, method: OODMethod = DEFAULT_METHOD) -> np.ndarray:
         """``[n]`` out-of-distribution score; higher is less like the training users.
 
-        ``mahalanobis`` (the default) and ``minor`` measure the standardised embedding against
-        the class means; ``energy`` reads the logits (see :mod:`downstream_adapters.heads.ood`).
+        ``knn`` (the default) and ``mahalanobis`` measure the standardised embedding against the
+        training users and the class means; ``energy`` reads the logits (see
+        :mod:`downstream_adapters.heads.ood`). A head file saved before ``knn`` existed refuses
+        it with a message pointing to ``mahalanobis``, rather than switching scores silently.
         """
         check_method(method)
         if method == "energy":
@@ -116,8 +120,8 @@ class ClassifierHead(ABC):
         if self.scorer is None:
             raise RuntimeError("fit or load the head first")
         z = self._standardise(np.asarray(x, np.float32))
-        if method == "minor":
-            return require_minor(self.minor).score(z)
+        if method == "knn":
+            return require_knn(self.knn).score(z)
         return self.scorer.score(z)
 
     def _standardise(self, x: np.ndarray) -> np.ndarray:
@@ -129,8 +133,8 @@ class ClassifierHead(ABC):
             raise RuntimeError("fit the head before saving it")
         arrays = {f"module.{k}": v.detach().numpy() for k, v in self.module.state_dict().items()}
         arrays.update({f"ood.{k}": v for k, v in self.scorer.arrays().items()})
-        if self.minor is not None:
-            arrays.update({f"ood.minor_{k}": v for k, v in self.minor.arrays().items()})
+        if self.knn is not None:
+            arrays.update({f"ood.knn_{k}": v for k, v in self.knn.arrays().items()})
         arrays.update(classes=self.classes_, shift=self.shift, scale=self.scale)
         config = {"kind": self.kind, "config": self.config, "temperature": self.temperature}
         return config, arrays
@@ -142,7 +146,7 @@ class ClassifierHead(ABC):
         head.shift, head.scale = arrays["shift"], arrays["scale"]
         head.temperature = float(config["temperature"])
         head.scorer = MahalanobisScorer(arrays["ood.means"], arrays["ood.precision"])
-        head.minor = MinorAxesScorer.from_arrays(arrays, "ood.minor_")
+        head.knn = KNNScorer.from_arrays(arrays, "ood.knn_")
         head.module = head._build(len(head.shift), len(head.classes_))
         module_state = {
             k.removeprefix("module."): torch.from_numpy(np.array(v))
@@ -155,16 +159,6 @@ class ClassifierHead(ABC):
         head.module.load_state_dict(module_state)
         head.module.eval()
         return head
-
-
-def require_minor(scorer: MinorAxesScorer | None) -> MinorAxesScorer:
-    """The minor-axes scorer, or a clear error for a head file saved before it existed."""
-    if scorer is None:
-        raise RuntimeError(
-            "this head was saved without the minor-axes OOD statistics: "
-            "use the default ood_score(x, method='mahalanobis') or refit the head"
-        )
-    return scorer
 
 
 def train_minibatch(

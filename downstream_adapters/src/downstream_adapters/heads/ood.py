@@ -2,19 +2,17 @@
 
 Three scores, all cheap at prediction time:
 
-* **Mahalanobis** (Lee et al., 2018), the default: the squared distance to the nearest class
-  mean under the classes' shared (shrunk) covariance, over every axis.
-* **Minor-axes Mahalanobis**: the same distance measured only along the principal axes of the
-  within-class scatter that together hold the last 10 % of its variance. Real users keep the
-  correlations those low-variance axes encode; a user who breaks them is far there, while the
-  high-variance axes, where real users differ most, add noise to the full distance (Kamoi and
-  Kobayashi, 2020). It scores corrupted real users better than the full distance but the
-  synthetic bots and shuffled histories of the evaluation worse (``docs/evaluation.md``, OOD
-  section), so it is offered, not the default.
+* **kNN** (Sun et al., 2022), the default: the Euclidean distance from a user's standardised
+  embedding to its k-th nearest training user (k = 5). It makes no assumption about the shape
+  of the training distribution and ignores the labels, so it flags a user who sits where no
+  training user does even when that place is near a class mean.
+* **Mahalanobis** (Lee et al., 2018): the squared distance to the nearest class mean under the
+  classes' shared (shrunk) covariance, over every axis.
 * **Energy** (Liu et al., 2020): ``-T * logsumexp(logits / T)``; it reads the head's logits.
 
 The first two look at the embedding itself, so they flag users the encoder placed somewhere no
-training user sits, whatever the head.
+training user sits, whatever the head. Why kNN with k = 5 is the default, and how far that
+choice can be trusted, is measured in ``docs/evaluation.md`` (OOD section).
 """
 
 from __future__ import annotations
@@ -23,29 +21,27 @@ from typing import Literal, get_args
 
 import numpy as np
 
-OODMethod = Literal["mahalanobis", "minor", "energy"]
+OODMethod = Literal["knn", "mahalanobis", "energy"]
 OOD_METHODS: tuple[OODMethod, ...] = get_args(OODMethod)
 """Every score a head exposes, the default first."""
+DEFAULT_METHOD: OODMethod = OOD_METHODS[0]
 SHRINKAGE = 0.1
 """Weight of the scaled identity mixed into the covariance, so few users still invert it."""
-MAJOR_SHARE = 0.9
-"""Share of the within-class variance held by the major axes, which the minor-axes score skips."""
-VARIANCE_FLOOR = 1e-3
-"""Added to each minor axis's variance (as to the full covariance's diagonal), so an axis along
-which the training users do not vary at all cannot turn rounding noise into a huge score."""
+NEIGHBOURS = 5
+"""k of the kNN score. k = 1 is fooled by an outlier derived from a training user (a bot that
+copies a real profile lands next to its source); k = 5 is not (``docs/evaluation.md``)."""
+MAX_REFERENCE = 5000
+"""Training users a head keeps for the kNN score, so its file stays bounded (5,000 x dim
+float32: 1.28 MB at 64 dims) however many users it was fitted on."""
+CHUNK_CELLS = 4_000_000
+"""Query x reference distances computed at once (32 MB of float64), so scoring any number of
+users never builds the full query x reference matrix."""
 
 
 def check_method(method: str) -> None:
     """Refuse a misspelt method rather than fall back to another score silently."""
     if method not in OOD_METHODS:
         raise ValueError(f"unknown OOD method {method!r}: use one of {', '.join(OOD_METHODS)}")
-
-
-def _class_means(x: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
-    """One mean per class; a class absent from ``y`` gets the overall mean."""
-    return np.stack(
-        [x[y == c].mean(axis=0) if (y == c).any() else x.mean(axis=0) for c in range(n_classes)]
-    )
 
 
 class MahalanobisScorer:
@@ -58,7 +54,9 @@ class MahalanobisScorer:
     @classmethod
     def fit(cls, x: np.ndarray, y: np.ndarray, n_classes: int) -> MahalanobisScorer:
         x = x.astype(np.float64)
-        means = _class_means(x, y, n_classes)
+        means = np.stack(
+            [x[y == c].mean(axis=0) if (y == c).any() else x.mean(axis=0) for c in range(n_classes)]
+        )
         centred = x - means[y]
         cov = centred.T @ centred / max(len(x) - 1, 1)
         scale = np.trace(cov) / len(cov)
@@ -75,41 +73,70 @@ class MahalanobisScorer:
         return {"means": self.means, "precision": self.precision}
 
 
-class MinorAxesScorer:
-    """Class means and the minor principal axes (with their variances) of the class-centred
-    training embeddings."""
+class KNNScorer:
+    """A bank of training embeddings (already standardised by the head, with the same shift and
+    scale as the Mahalanobis score) and the k of the k-th nearest neighbour.
 
-    def __init__(self, means: np.ndarray, axes: np.ndarray, variance: np.ndarray) -> None:
-        self.means = means
-        self.axes = axes
-        self.variance = variance
+    The bank holds at most :data:`MAX_REFERENCE` rows: a larger training set is subsampled
+    uniformly at random with a fixed seed, so refitting on the same users keeps the same bank.
+    """
+
+    def __init__(self, reference: np.ndarray, k: int) -> None:
+        self.reference = reference
+        self.k = k
 
     @classmethod
-    def fit(cls, x: np.ndarray, y: np.ndarray, n_classes: int) -> MinorAxesScorer:
-        x = x.astype(np.float64)
-        means = _class_means(x, y, n_classes)
-        _, singular, axes = np.linalg.svd(x - means[y], full_matrices=True)
-        variance = np.zeros(x.shape[1])
-        variance[: len(singular)] = singular**2 / max(len(x) - 1, 1)
-        share = np.cumsum(variance) / max(variance.sum(), np.finfo(float).tiny)
-        # At least one axis stays, so a one-dimensional embedding is still scored.
-        major = min(int(np.searchsorted(share, MAJOR_SHARE)) + 1, x.shape[1] - 1)
-        return cls(means, axes[major:], variance[major:] + VARIANCE_FLOOR)
+    def fit(
+        cls,
+        x: np.ndarray,
+        k: int = NEIGHBOURS,
+        max_rows: int = MAX_REFERENCE,
+        seed: int = 0,
+    ) -> KNNScorer:
+        """Keep (a subsample of) ``x``; ``k`` is capped at one less than the bank's rows, so a
+        training user scored against a bank holding it still has k other neighbours."""
+        x = np.asarray(x, dtype=np.float32)
+        if len(x) > max_rows:
+            keep = np.random.default_rng(seed).choice(len(x), size=max_rows, replace=False)
+            x = x[np.sort(keep)]
+        return cls(np.ascontiguousarray(x), max(min(k, len(x) - 1), 1))
 
-    def score(self, x: np.ndarray) -> np.ndarray:
-        """``[n]`` squared distance to the nearest class mean along the minor axes."""
-        projected = (x.astype(np.float64)[:, None, :] - self.means[None, :, :]) @ self.axes.T
-        return (projected**2 / self.variance).sum(axis=2).min(axis=1)
+    def score(self, x: np.ndarray, chunk_cells: int = CHUNK_CELLS) -> np.ndarray:
+        """``[n]`` Euclidean distance to the k-th nearest reference row, computed over blocks of
+        queries of at most ``chunk_cells`` query x reference distances."""
+        queries = np.asarray(x, dtype=np.float64)
+        reference = self.reference.astype(np.float64)
+        norms = (reference**2).sum(axis=1)
+        rows = max(chunk_cells // len(reference), 1)
+        out = np.empty(len(queries))
+        for start in range(0, len(queries), rows):
+            block = queries[start : start + rows]
+            squared = (block**2).sum(axis=1)[:, None] - 2.0 * block @ reference.T + norms[None, :]
+            kth = np.partition(squared, self.k - 1, axis=1)[:, self.k - 1]
+            # The expansion can dip below zero by rounding for a query on a reference row.
+            out[start : start + rows] = np.sqrt(np.maximum(kth, 0.0))
+        return out
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"means": self.means, "axes": self.axes, "variance": self.variance}
+        return {"reference": self.reference, "k": np.array(self.k)}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> MinorAxesScorer | None:
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> KNNScorer | None:
         """The scorer saved under ``prefix``; None in a file saved before this score existed."""
-        if f"{prefix}axes" not in arrays:
+        if f"{prefix}reference" not in arrays:
             return None
-        return cls(arrays[f"{prefix}means"], arrays[f"{prefix}axes"], arrays[f"{prefix}variance"])
+        return cls(np.asarray(arrays[f"{prefix}reference"]), int(arrays[f"{prefix}k"]))
+
+
+def require_knn(scorer: KNNScorer | None) -> KNNScorer:
+    """The kNN scorer, or a clear error for a head file saved before the kNN score existed
+    (such a file keeps no training embeddings, so the score cannot be rebuilt from it)."""
+    if scorer is None:
+        raise RuntimeError(
+            "OOD method 'knn' (the default) needs the training embeddings, which this head file "
+            "was saved without: use ood_score(x, method='mahalanobis') or refit the head"
+        )
+    return scorer
 
 
 def energy(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
