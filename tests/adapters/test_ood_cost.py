@@ -49,13 +49,14 @@ def test_ood_separates_a_far_cluster_and_not_in_distribution_draws() -> None:
     out = scenarios.ood(
         x, {"bot": far, "shuffled": same, "other": far}, Task("t", y), heads=heads, k=3
     )
-    assert set(out) == {f"{h}, {m}" for h in heads for m in ("mahalanobis", "energy")}
+    assert set(out) == {f"{h}, {m}" for h in heads for m in ("knn", "mahalanobis", "energy")}
     for head in heads:
-        maha = out[f"{head}, mahalanobis"]
-        assert maha["bot"]["auroc"] > 0.99 and maha["bot"]["held"] is True
-        assert 0.4 < maha["shuffled"]["auroc"] < 0.6 and maha["shuffled"]["held"] is False
-        assert maha["other"]["target"] is None and maha["other"]["held"] is None
-        assert maha["bot"]["target"] == scenarios.OOD_TARGET
+        for method in ("knn", "mahalanobis"):
+            row = out[f"{head}, {method}"]
+            assert row["bot"]["auroc"] > 0.99 and row["bot"]["held"] is True
+            assert 0.4 < row["shuffled"]["auroc"] < 0.6 and row["shuffled"]["held"] is False
+            assert row["other"]["target"] is None and row["other"]["held"] is None
+            assert row["bot"]["target"] == scenarios.OOD_TARGET
 
 
 def test_cost_table_measures_every_pipeline() -> None:
@@ -113,6 +114,8 @@ def test_cli_writes_ood_and_cost(tmp_path: Path, capsys: pytest.CaptureFixture[s
     ood = report["scenarios"]["ood"]
     assert ood["target"] == 0.9 and ood["cases"] == {"bot": 40}
     assert ood["results"]["kind"]["LinearHead, mahalanobis"]["bot"]["held"] is True
+    assert ood["default_method"] == "knn"
+    assert ood["results"]["kind"]["LinearHead, knn"]["bot"]["held"] is True
     assert report["cost"]["rows"][cost.SHARED_ROWS[0]]["stored_bytes_per_user"] == DIM * 4 + 500
     assert (tmp_path / "p" / "ood.png").stat().st_size > 0
     assert (tmp_path / "p" / "cost.png").stat().st_size > 0

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from downstream_adapters.artifact import Artifact, load
 from downstream_adapters.client import EmbeddingClient
+
+if TYPE_CHECKING:  # the heads need torch; the adapter itself does not
+    from downstream_adapters.heads.ood import OODMethod
 
 
 class Adapter:
@@ -48,12 +51,12 @@ class Adapter:
             out[found] = head.predict_proba(vectors[found])
         return out
 
-    def ood_score(self, user_ids: Sequence[str]) -> np.ndarray:
-        """Mahalanobis OOD score per user; NaN for users with no embedding."""
+    def ood_score(self, user_ids: Sequence[str], method: OODMethod = "knn") -> np.ndarray:
+        """OOD score per user (``ClassifierHead.ood_score``); NaN for users with no embedding."""
         vectors, found = self._embeddings(user_ids)
         out = np.full(len(user_ids), np.nan)
         if found.any():
-            out[found] = self.artifact.head.ood_score(vectors[found])
+            out[found] = self.artifact.head.ood_score(vectors[found], method)
         return out
 
     def close(self) -> None:

@@ -30,6 +30,7 @@ from downstream_adapters.evaluate.data import (
     read_tables,
 )
 from downstream_adapters.evaluate.harness import Features, Task, run_table
+from downstream_adapters.heads.ood import DEFAULT_METHOD
 
 EMBEDDING_ROW = "embedding (LR)"
 BASELINE_ROWS = ("raw items (LR)", "svd-64 (LR)", "aggregates (LR)", "random-64 (LR)")
@@ -253,7 +254,8 @@ def run_ood(
     for task, rows in results.items():
         print(
             f"\n{task}: OOD AUROC, held-out real users vs each case (target "
-            f"{scenarios.OOD_TARGET} on {', '.join(scenarios.OOD_TARGET_CASES)})"
+            f"{scenarios.OOD_TARGET} on {', '.join(scenarios.OOD_TARGET_CASES)} for the "
+            f"default score, {DEFAULT_METHOD})"
         )
         cases = list(next(iter(rows.values())))
         print(f"{'head, score':<30}" + "".join(f"{c:>16}" for c in cases))
@@ -263,6 +265,7 @@ def run_ood(
     return {
         "target": scenarios.OOD_TARGET,
         "target_cases": list(scenarios.OOD_TARGET_CASES),
+        "default_method": DEFAULT_METHOD,
         "cases": {case: len(v) for case, v in outliers.items()},
         "results": results,
     }

@@ -29,6 +29,7 @@ from downstream_adapters.heads import (
     MLPHead,
     RelationHead,
 )
+from downstream_adapters.heads.ood import OOD_METHODS
 
 SHOTS = (1, 5, 10, 20)
 OOD_TARGET = 0.9
@@ -146,13 +147,15 @@ def ood(
 
     The positives of a fold are every user of the case, the negatives the fold's held-out real
     users; nothing about the OOD users is seen when fitting, so no score is tuned on them.
-    ``target`` is :data:`OOD_TARGET` for the cases in :data:`OOD_TARGET_CASES`, else ``None``.
+    ``target`` is :data:`OOD_TARGET` for the cases in :data:`OOD_TARGET_CASES`, else ``None``;
+    it is the default score's target (``knn``), and the other scores' rows are held against it
+    for comparison.
     """
     raw: dict[str, dict[str, list[float]]] = {}
     for train, test in folds(task, k, seed):
         for name, make in heads.items():
             head = make(seed).fit(embedding[train], task.y[train])
-            for method in ("mahalanobis", "energy"):
+            for method in OOD_METHODS:
                 inside = head.ood_score(embedding[test], method)
                 for case, x in outliers.items():
                     scores = np.concatenate([inside, head.ood_score(x, method)])

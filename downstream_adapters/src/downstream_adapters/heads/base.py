@@ -8,16 +8,22 @@ temperature), an OOD score, and a flat ``(config, arrays)`` state that saves wit
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
 from torch import nn
 
 from downstream_adapters.heads.calibration import fit_temperature, softmax
-from downstream_adapters.heads.ood import MahalanobisScorer, energy
-
-OODMethod = Literal["mahalanobis", "energy"]
+from downstream_adapters.heads.ood import (
+    DEFAULT_METHOD,
+    KNNScorer,
+    MahalanobisScorer,
+    OODMethod,
+    check_method,
+    energy,
+    require_knn,
+)
 
 
 def balanced_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
@@ -44,6 +50,7 @@ class ClassifierHead(ABC):
         self.scale = np.ones(0, dtype=np.float32)
         self.module: nn.Module | None = None
         self.scorer: MahalanobisScorer | None = None
+        self.knn: KNNScorer | None = None
 
     @abstractmethod
     def _build(self, dim: int, n_classes: int) -> nn.Module:
@@ -74,6 +81,7 @@ class ClassifierHead(ABC):
         )
         self.module.eval()
         self.scorer = MahalanobisScorer.fit(z, index, k)
+        self.knn = KNNScorer.fit(z)
         self.temperature = 1.0
         return self
 
@@ -98,13 +106,23 @@ class ClassifierHead(ABC):
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.classes_[self.logits(x).argmax(axis=1)]
 
-    def ood_score(self, x: np.ndarray, method: OODMethod = "mahalanobis") -> np.ndarray:
-        """``[n]`` out-of-distribution score; higher is less like the training users."""
+    def ood_score(self, x: np.ndarray, method: OODMethod = DEFAULT_METHOD) -> np.ndarray:
+        """``[n]`` out-of-distribution score; higher is less like the training users.
+
+        ``knn`` (the default) and ``mahalanobis`` measure the standardised embedding against the
+        training users and the class means; ``energy`` reads the logits (see
+        :mod:`downstream_adapters.heads.ood`). A head file saved before ``knn`` existed refuses
+        it with a message pointing to ``mahalanobis``, rather than switching scores silently.
+        """
+        check_method(method)
         if method == "energy":
             return energy(self.logits(x), self.temperature)
         if self.scorer is None:
             raise RuntimeError("fit or load the head first")
-        return self.scorer.score(self._standardise(np.asarray(x, np.float32)))
+        z = self._standardise(np.asarray(x, np.float32))
+        if method == "knn":
+            return require_knn(self.knn).score(z)
+        return self.scorer.score(z)
 
     def _standardise(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.shift) / self.scale).astype(np.float32)
@@ -115,6 +133,8 @@ class ClassifierHead(ABC):
             raise RuntimeError("fit the head before saving it")
         arrays = {f"module.{k}": v.detach().numpy() for k, v in self.module.state_dict().items()}
         arrays.update({f"ood.{k}": v for k, v in self.scorer.arrays().items()})
+        if self.knn is not None:
+            arrays.update({f"ood.knn_{k}": v for k, v in self.knn.arrays().items()})
         arrays.update(classes=self.classes_, shift=self.shift, scale=self.scale)
         config = {"kind": self.kind, "config": self.config, "temperature": self.temperature}
         return config, arrays
@@ -126,6 +146,7 @@ class ClassifierHead(ABC):
         head.shift, head.scale = arrays["shift"], arrays["scale"]
         head.temperature = float(config["temperature"])
         head.scorer = MahalanobisScorer(arrays["ood.means"], arrays["ood.precision"])
+        head.knn = KNNScorer.from_arrays(arrays, "ood.knn_")
         head.module = head._build(len(head.shift), len(head.classes_))
         module_state = {
             k.removeprefix("module."): torch.from_numpy(np.array(v))

@@ -2,7 +2,8 @@
 
 For N tasks this stores one hidden layer instead of N models and runs one shared matrix product
 per user; the evaluation compares it with the per-task heads in the same table. Each task keeps
-its own temperature and OOD class means.
+its own temperature and Mahalanobis statistics (class means, covariance); the kNN OOD score
+needs no labels, so the tasks share one bank of training embeddings.
 """
 
 from __future__ import annotations
@@ -14,9 +15,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from downstream_adapters.heads.base import OODMethod, balanced_weights
+from downstream_adapters.heads.base import balanced_weights
 from downstream_adapters.heads.calibration import fit_temperature, softmax
-from downstream_adapters.heads.ood import MahalanobisScorer, energy
+from downstream_adapters.heads.ood import (
+    DEFAULT_METHOD,
+    KNNScorer,
+    MahalanobisScorer,
+    OODMethod,
+    check_method,
+    energy,
+    require_knn,
+)
 
 
 class _MultiTask(nn.Module):
@@ -58,6 +67,7 @@ class MultiTaskHead:
         self.classes_: dict[str, np.ndarray] = {}
         self.temperature: dict[str, float] = {}
         self.scorers: dict[str, MahalanobisScorer] = {}
+        self.knn: KNNScorer | None = None
         self.shift = np.zeros(0, dtype=np.float32)
         self.scale = np.ones(0, dtype=np.float32)
         self.module: _MultiTask | None = None
@@ -70,6 +80,7 @@ class MultiTaskHead:
         x = np.asarray(x, dtype=np.float32)
         self.shift, self.scale = x.mean(axis=0), x.std(axis=0) + 1e-6
         z = torch.from_numpy(self._standardise(x))
+        self.knn = KNNScorer.fit(z.numpy())
         targets: dict[str, torch.Tensor] = {}
         losses: dict[str, nn.Module] = {}
         for task, y in labels.items():
@@ -118,10 +129,16 @@ class MultiTaskHead:
     def predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
         return {t: self.classes_[t][v.argmax(axis=1)] for t, v in self.logits(x).items()}
 
-    def ood_score(self, x: np.ndarray, task: str, method: OODMethod = "mahalanobis") -> np.ndarray:
+    def ood_score(self, x: np.ndarray, task: str, method: OODMethod = DEFAULT_METHOD) -> np.ndarray:
+        """``[n]`` OOD score against ``task``'s classes (as ``ClassifierHead.ood_score``); the
+        ``knn`` score uses no labels, so it is the same for every task."""
+        check_method(method)
         if method == "energy":
             return energy(self.logits(x)[task], self.temperature[task])
-        return self.scorers[task].score(self._standardise(np.asarray(x, np.float32)))
+        z = self._standardise(np.asarray(x, np.float32))
+        if method == "knn":
+            return require_knn(self.knn).score(z)
+        return self.scorers[task].score(z)
 
     def _standardise(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.shift) / self.scale).astype(np.float32)
@@ -134,6 +151,8 @@ class MultiTaskHead:
             arrays[f"classes.{task}"] = self.classes_[task]
             for name, value in self.scorers[task].arrays().items():
                 arrays[f"ood.{task}.{name}"] = value
+        if self.knn is not None:
+            arrays.update({f"ood.knn_{k}": v for k, v in self.knn.arrays().items()})
         arrays.update(shift=self.shift, scale=self.scale)
         config = {
             "kind": self.kind,
@@ -152,6 +171,7 @@ class MultiTaskHead:
             head.scorers[task] = MahalanobisScorer(
                 arrays[f"ood.{task}.means"], arrays[f"ood.{task}.precision"]
             )
+        head.knn = KNNScorer.from_arrays(arrays, "ood.knn_")
         head.temperature = {t: float(v) for t, v in config["temperature"].items()}
         c = head.config
         sizes = {t: len(k) for t, k in head.classes_.items()}
