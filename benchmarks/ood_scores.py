@@ -317,8 +317,10 @@ def encode_seed(seed: int, movielens: Path, ciao: Path | None, stage: str) -> di
             dataset,
             version="ml-eval",
             out_dir=Path(folder),
-            config=TrainConfig(embedding_dim=64, epochs=100, seed=seed),
-            item_vector_dim=32,
+            config=TrainConfig(
+                embedding_dim=64, epochs=100, seed=seed, item_weight=export.ITEM_SET_WEIGHT
+            ),
+            item_vector_dim=export.ITEM_VECTOR_DIM,
             popularity_bins=export.POPULARITY_BINS,
             exclude_profile=export.LABEL_FIELDS,
             progress=False,

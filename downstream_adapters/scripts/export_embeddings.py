@@ -30,6 +30,10 @@ from encoder_service.training.pipeline import train_version
 from encoder_service.training.train import TrainConfig
 
 LABEL_FIELDS = ["gender", "age", "occupation"]
+# The evaluation version's encoder: wider item vectors and a heavier item-set weight than the
+# service's defaults (docs/evaluation.md, "Wider item vectors").
+ITEM_VECTOR_DIM = 128
+ITEM_SET_WEIGHT = 100.0
 BOTS = 300
 BOT_EVENTS = (200, 600)
 BOT_MINUTES = (2, 15)
@@ -146,9 +150,12 @@ def main() -> None:
     parser.add_argument("--version", default="ml-eval")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--embedding-dim", type=int, default=64)
-    parser.add_argument("--item-vector-dim", type=int, default=128)
+    parser.add_argument("--item-vector-dim", type=int, default=ITEM_VECTOR_DIM)
     parser.add_argument(
-        "--item-set-weight", type=float, default=100.0, help="item-set reconstruction weight"
+        "--item-set-weight",
+        type=float,
+        default=ITEM_SET_WEIGHT,
+        help="item-set reconstruction weight",
     )
     parser.add_argument(
         "--popularity-bins",
