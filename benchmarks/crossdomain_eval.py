@@ -67,6 +67,7 @@ from encoder_service.data.contract import Event  # noqa: E402
 from encoder_service.data.tables import Dataset  # noqa: E402
 from encoder_service.encoder import Encoder  # noqa: E402
 from encoder_service.features.state import FeatureState  # noqa: E402
+from encoder_service.settings import get_settings  # noqa: E402
 
 DEFAULT_TARGETS = ("Cameras", "Electronics", "Health")
 TOP_RATING = 5.0
@@ -127,8 +128,20 @@ class Prepared:
             return cls(**arrays, graph=graph, embedding_dim=int(d["embedding_dim"]))
 
 
-def prepare(data_dir: Path, cutoff: float, epochs: int, seed: int) -> Prepared:
-    """Train the encoder before the cut-off and build every sample's features."""
+def prepare(
+    data_dir: Path,
+    cutoff: float,
+    epochs: int,
+    seed: int,
+    *,
+    item_vector_dim: int,
+    item_set_weight: float,
+) -> Prepared:
+    """Train the encoder before the cut-off and build every sample's features.
+
+    The command line's item settings default to the service's (``ENCODER_ITEM_VECTOR_DIM``,
+    ``ENCODER_ITEM_SET_WEIGHT``), so the table measures what a deployment trains by default.
+    """
     from encoder_service.training.pipeline import train_version
     from encoder_service.training.train import TrainConfig
 
@@ -150,8 +163,10 @@ def prepare(data_dir: Path, cutoff: float, epochs: int, seed: int) -> Prepared:
             train_set,
             version="ciao-cut",
             out_dir=Path(folder),
-            config=TrainConfig(embedding_dim=64, epochs=epochs, seed=seed),
-            item_vector_dim=32,
+            config=TrainConfig(
+                embedding_dim=64, epochs=epochs, seed=seed, item_weight=item_set_weight
+            ),
+            item_vector_dim=item_vector_dim,
             progress=False,
         )
         encoder = Encoder(trained.artifacts())
@@ -672,6 +687,19 @@ def main() -> None:
     parser.add_argument("--cutoff", default="2008-01-01", help="UTC date of the train/test split")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--encoder-epochs", type=int, default=30)
+    settings = get_settings()
+    parser.add_argument(
+        "--item-vector-dim",
+        type=int,
+        default=settings.item_vector_dim,
+        help="the encoder's item vector width (default: ENCODER_ITEM_VECTOR_DIM's)",
+    )
+    parser.add_argument(
+        "--item-set-weight",
+        type=float,
+        default=settings.item_set_weight,
+        help="item-set reconstruction weight (default: ENCODER_ITEM_SET_WEIGHT's)",
+    )
     parser.add_argument("--max-steps", type=int, default=1500, help="step budget per network")
     parser.add_argument(
         "--keep-fraction",
@@ -709,7 +737,14 @@ def main() -> None:
     if args.cache and args.cache.exists():
         prepared = Prepared.load(args.cache)
     else:
-        prepared = prepare(data_dir, cutoff, args.encoder_epochs, seed=0)
+        prepared = prepare(
+            data_dir,
+            cutoff,
+            args.encoder_epochs,
+            seed=0,
+            item_vector_dim=args.item_vector_dim,
+            item_set_weight=args.item_set_weight,
+        )
         if args.cache:
             prepared.save(args.cache)
     print(f"features ready in {time.time() - started:.0f} s: {prepared.x.shape}", flush=True)
