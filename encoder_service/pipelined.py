@@ -21,7 +21,7 @@ from typing import Any
 
 import redis.asyncio
 import redis.exceptions
-from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.utils import HIREDIS_AVAILABLE
 
@@ -125,9 +125,9 @@ class PipelinedConnection:
         kwargs = pool.connection_kwargs
         if pool.connection_class is UnixDomainSocketConnection:
             address: dict[str, Any] = {"path": kwargs["path"]}
-        elif issubclass(pool.connection_class, Connection) and not kwargs.get("ssl"):
-            if "SSL" in pool.connection_class.__name__:
-                return None
+        elif issubclass(pool.connection_class, Connection) and not issubclass(
+            pool.connection_class, SSLConnection
+        ):
             address = {"host": kwargs.get("host", "localhost"), "port": kwargs.get("port", 6379)}
         else:
             return None
