@@ -31,7 +31,7 @@ import numpy as np
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from encoder_service.backup import export_version, import_version  # noqa: E402
-from encoder_service.redis_connection import start_server, sync_client  # noqa: E402
+from encoder_service.redis_connection import sigterm_unwinds, start_server, sync_client  # noqa: E402
 from encoder_service.registry import Registry  # noqa: E402
 from encoder_service.store import EmbeddingStore, encode_meta  # noqa: E402
 
@@ -175,4 +175,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_unwinds():
+        main()

@@ -43,7 +43,7 @@ if importlib.util.find_spec("encoder_service") is None:
 from serving_bench import publish, user_ids  # noqa: E402
 
 from encoder_service.api.app import create_app  # noqa: E402
-from encoder_service.redis_connection import start_server  # noqa: E402
+from encoder_service.redis_connection import sigterm_unwinds, start_server  # noqa: E402
 from encoder_service.settings import Settings  # noqa: E402
 
 PATH = "/v1/embeddings:batch"
@@ -239,4 +239,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with sigterm_unwinds():
+        sys.exit(main())

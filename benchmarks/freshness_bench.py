@@ -65,7 +65,7 @@ from encoder_service.data.contract import Event  # noqa: E402
 from encoder_service.data.synthetic import generate  # noqa: E402
 from encoder_service.events import append_events, stream_keys  # noqa: E402
 from encoder_service.publish import publish_version  # noqa: E402
-from encoder_service.redis_connection import start_server, sync_client  # noqa: E402
+from encoder_service.redis_connection import sigterm_unwinds, start_server, sync_client  # noqa: E402
 from encoder_service.settings import Settings  # noqa: E402
 
 VERSION = "bench"
@@ -585,4 +585,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_unwinds():
+        main()

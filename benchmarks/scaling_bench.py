@@ -57,7 +57,7 @@ from serving_bench import free_port, python_env, server, service_cmd  # noqa: E4
 from encoder_service.data.synthetic import generate  # noqa: E402
 from encoder_service.data.tables import Dataset, write_tables  # noqa: E402
 from encoder_service.publish import publish_version  # noqa: E402
-from encoder_service.redis_connection import start_server, sync_client  # noqa: E402
+from encoder_service.redis_connection import sigterm_unwinds, start_server, sync_client  # noqa: E402
 from encoder_service.training.pipeline import train_version  # noqa: E402
 from encoder_service.training.train import TrainConfig  # noqa: E402
 
@@ -507,4 +507,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with sigterm_unwinds():
+        sys.exit(main())

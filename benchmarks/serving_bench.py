@@ -53,7 +53,7 @@ if importlib.util.find_spec("encoder_service") is None:
 from serving import feast_setup, loadgen  # noqa: E402
 from serving.loadgen import LoadResult, RequestSpec  # noqa: E402
 
-from encoder_service.redis_connection import start_server, sync_client  # noqa: E402
+from encoder_service.redis_connection import sigterm_unwinds, start_server, sync_client  # noqa: E402
 from encoder_service.registry import Registry  # noqa: E402
 from encoder_service.store import EmbeddingStore  # noqa: E402
 
@@ -747,4 +747,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with sigterm_unwinds():
+        sys.exit(main())

@@ -73,7 +73,7 @@ from serving.loadgen import RequestSpec  # noqa: E402
 
 from encoder_service.data.contract import Event  # noqa: E402
 from encoder_service.events import append_events, stream_keys  # noqa: E402
-from encoder_service.redis_connection import sync_client  # noqa: E402
+from encoder_service.redis_connection import sigterm_unwinds, sync_client  # noqa: E402
 from encoder_service.refresher.deadletter import count_dead_letters  # noqa: E402
 from encoder_service.store import state_key  # noqa: E402
 
@@ -621,4 +621,5 @@ def _maxlen_env(maxlen: int) -> Iterator[None]:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with sigterm_unwinds():
+        raise SystemExit(main())

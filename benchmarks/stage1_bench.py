@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from encoder_service.data.synthetic import generate  # noqa: E402
 from encoder_service.encoder import Encoder  # noqa: E402
 from encoder_service.publish import publish_version  # noqa: E402
-from encoder_service.redis_connection import start_server, sync_client  # noqa: E402
+from encoder_service.redis_connection import sigterm_unwinds, start_server, sync_client  # noqa: E402
 from encoder_service.store import EmbeddingStore  # noqa: E402
 from encoder_service.training.pipeline import prepare_features, train_version  # noqa: E402
 from encoder_service.training.train import TrainConfig, train_autoencoder  # noqa: E402
@@ -202,4 +202,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_unwinds():
+        main()

@@ -11,7 +11,9 @@ import contextlib
 import fcntl
 import json
 import logging
+import signal
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -332,8 +334,37 @@ def resolve_redis_url(settings: Settings) -> Iterator[str]:
     if settings.redis_url:
         yield settings.redis_url
         return
-    server = embedded_server(settings)
+    with sigterm_unwinds():
+        server = embedded_server(settings)
+        try:
+            yield server.connection_url
+        finally:
+            server.stop(timeout=STOP_TIMEOUT_S)
+
+
+@contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Make SIGTERM raise ``SystemExit(143)`` for the context's length, so ``finally`` runs.
+
+    SIGTERM's default action ends the process on the spot, and an embedded Valkey started here
+    would outlive it with nobody left to stop it: ``kill``, a supervisor or a CI timeout would
+    leak one server per run. The benchmarks, which start servers of their own, run under it
+    too. uvicorn hands a SIGTERM it handled back to the handler it found once the server has
+    shut down, so this also covers ``serve``. A handler the application set itself (the
+    refresher's) is left alone, and handlers can only be set from the main thread.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        yield server.connection_url
+        yield
     finally:
-        server.stop(timeout=STOP_TIMEOUT_S)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 import redis.asyncio
@@ -136,3 +143,81 @@ def test_resolve_redis_url_honours_an_explicit_url(tmp_path: Path) -> None:
     with resolve_redis_url(settings) as url:
         assert url == "redis://db.internal:6390/2"
     assert list(tmp_path.iterdir()) == []
+
+
+def _embedded_env(home: Path) -> dict[str, str]:
+    """The environment of a process that must start its own embedded server under ``home``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENCODER_") and k != "REDIS_URL"}
+    return {**env, "ENCODER_HOME": str(home), "ENCODER_AUTH_MODE": "none"}
+
+
+def _gone(url: str, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while _answers(url):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+HOLD_THE_SERVER = """
+import time
+from encoder_service.redis_connection import resolve_redis_url
+from encoder_service.settings import Settings
+with resolve_redis_url(Settings()) as url:
+    print(url, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_sigterm_stops_the_embedded_server_its_process_started(tmp_path: Path) -> None:
+    """SIGTERM's default action would end the process without unwinding and leak the server."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_SERVER],
+        env=_embedded_env(tmp_path),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip()
+        assert _answers(url)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=40) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+    assert _gone(url)
+
+
+def test_sigterm_stops_serve_and_its_embedded_server(tmp_path: Path) -> None:
+    """``encoder-service serve`` on the embedded store: uvicorn shuts down on SIGTERM, then
+    hands the signal back, and the server it started must stop with it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "encoder_service.cli", "serve", "--port", str(port)],
+            env=_embedded_env(tmp_path / "home"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        record = json.loads((tmp_path / "home" / "valkey" / "server.json").read_text())
+        url = f"redis://127.0.0.1:{record['port']}"
+        assert _answers(url)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=40)
+    finally:
+        process.kill()
+    assert _gone(url), log.read_text()
