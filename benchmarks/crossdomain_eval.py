@@ -136,11 +136,13 @@ def prepare(
     *,
     item_vector_dim: int,
     item_set_weight: float,
+    ensemble_size: int,
 ) -> Prepared:
     """Train the encoder before the cut-off and build every sample's features.
 
-    The command line's item settings default to the service's (``ENCODER_ITEM_VECTOR_DIM``,
-    ``ENCODER_ITEM_SET_WEIGHT``), so the table measures what a deployment trains by default.
+    The command line's encoder settings default to the service's (``ENCODER_ITEM_VECTOR_DIM``,
+    ``ENCODER_ITEM_SET_WEIGHT``, ``ENCODER_ENSEMBLE_SIZE``), so the table measures what a
+    deployment trains by default.
     """
     from encoder_service.training.pipeline import train_version
     from encoder_service.training.train import TrainConfig
@@ -164,7 +166,11 @@ def prepare(
             version="ciao-cut",
             out_dir=Path(folder),
             config=TrainConfig(
-                embedding_dim=64, epochs=epochs, seed=seed, item_weight=item_set_weight
+                embedding_dim=64,
+                epochs=epochs,
+                seed=seed,
+                item_weight=item_set_weight,
+                ensemble_size=ensemble_size,
             ),
             item_vector_dim=item_vector_dim,
             progress=False,
@@ -700,6 +706,12 @@ def main() -> None:
         default=settings.item_set_weight,
         help="item-set reconstruction weight (default: ENCODER_ITEM_SET_WEIGHT's)",
     )
+    parser.add_argument(
+        "--ensemble-size",
+        type=int,
+        default=settings.ensemble_size,
+        help="autoencoders distilled into the encoder (default: ENCODER_ENSEMBLE_SIZE's)",
+    )
     parser.add_argument("--max-steps", type=int, default=1500, help="step budget per network")
     parser.add_argument(
         "--keep-fraction",
@@ -744,6 +756,7 @@ def main() -> None:
             seed=0,
             item_vector_dim=args.item_vector_dim,
             item_set_weight=args.item_set_weight,
+            ensemble_size=args.ensemble_size,
         )
         if args.cache:
             prepared.save(args.cache)

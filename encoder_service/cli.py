@@ -159,6 +159,7 @@ def _train_and_publish(
             epochs=epochs,
             seed=settings.seed,
             item_weight=settings.item_set_weight,
+            ensemble_size=settings.ensemble_size,
         )
         trained = train_version(
             dataset,

@@ -74,6 +74,15 @@ class Settings(BaseSettings):
         "units of one normalised feature group (0 = off). Higher keeps more of which items a "
         "user chose at the expense of the behavioural groups (docs/evaluation.md).",
     )
+    ensemble_size: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Autoencoders trained from different seeds for a new version; more than one "
+        "are aligned, averaged and distilled into one encoder, which lowers the seed-to-seed "
+        "noise of the embedding for that many times the training time and the same serving "
+        "cost (docs/evaluation.md).",
+    )
     seed: int = 0
 
     # --- API ---------------------------------------------------------------------------------

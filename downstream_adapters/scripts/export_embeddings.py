@@ -34,6 +34,9 @@ LABEL_FIELDS = ["gender", "age", "occupation"]
 # service's defaults (docs/evaluation.md, "Wider item vectors").
 ITEM_VECTOR_DIM = 128
 ITEM_SET_WEIGHT = 100.0
+# Ten seeds distilled into one encoder (docs/evaluation.md, "Seed ensembles"); the service's
+# default is one.
+ENSEMBLE_SIZE = 10
 BOTS = 300
 BOT_EVENTS = (200, 600)
 BOT_MINUTES = (2, 15)
@@ -163,6 +166,12 @@ def main() -> None:
         default=POPULARITY_BINS,
         help="item-popularity histogram bins in the features (0: no popularity group)",
     )
+    parser.add_argument(
+        "--ensemble-size",
+        type=int,
+        default=ENSEMBLE_SIZE,
+        help="autoencoders trained from different seeds and distilled into one encoder",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     dataset = load_movielens(args.movielens)
@@ -171,6 +180,7 @@ def main() -> None:
         epochs=args.epochs,
         seed=args.seed,
         item_weight=args.item_set_weight,
+        ensemble_size=args.ensemble_size,
     )
     rng = np.random.default_rng(args.seed)
     ood = {"bot": bot_users(dataset, rng), "shuffled": shuffled_users(dataset, rng)}

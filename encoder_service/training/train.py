@@ -10,6 +10,7 @@ data, config and thread count give the same weights.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from encoder_service.features.schema import FeatureSchema
-from encoder_service.training import distributed
+from encoder_service.training import distributed, ensemble
 from encoder_service.training.model import (
     MultiGroupAutoencoder,
     null_group_losses,
@@ -47,7 +48,10 @@ class TrainConfig:
     ``normalise_group_losses`` divides each group's loss by its constant-predictor loss (see
     :mod:`encoder_service.training.model`); ``item_weight`` weighs the item-set reconstruction
     (in units of one normalised group; 0 turns it off), over at most ``max_items`` of the most
-    interacted items.
+    interacted items. ``ensemble_size`` > 1 trains that many autoencoders from seeds derived
+    from ``seed`` and distils their aligned mean embedding into one encoder (see
+    :mod:`encoder_service.training.ensemble`): about ``ensemble_size`` times the training time,
+    the same serving cost.
     """
 
     embedding_dim: int = 64
@@ -63,6 +67,7 @@ class TrainConfig:
     normalise_group_losses: bool = True
     item_weight: float = 30.0
     max_items: int = 20_000
+    ensemble_size: int = 1
 
 
 @dataclass
@@ -77,7 +82,10 @@ class TrainResult:
     all epochs), ``users_per_cpu_second`` (the same per CPU second, which unlike wall time does
     not depend on what else runs on the machine), ``n_train``, ``n_val``, ``best_epoch``,
     ``epochs_run``. ``val_index`` holds the sorted rows of ``x`` held out for validation, so
-    downstream evaluations can stay off the users the encoder was fitted on.
+    downstream evaluations can stay off the users the encoder was fitted on. With an ensemble,
+    ``history``, ``best_epoch`` and the loss metrics are the first member's, the model's encoder
+    is the distilled one, and ``metrics["ensemble"]`` says how each member did and how closely
+    the distilled encoder reproduces the members' mean.
     """
 
     model: MultiGroupAutoencoder
@@ -105,6 +113,8 @@ def train_autoencoder(
     epochs, and the weights of the best epoch are restored.
     """
     x = _check_matrix(np.asarray(x), schema.input_dim)
+    if config.ensemble_size < 1:
+        raise ValueError("ensemble_size must be >= 1")
     distributed.current().require_same(x, "feature matrix")
     targets = _item_targets(items, len(x), config)
     val_index = _validation_rows(len(x), config)
@@ -117,6 +127,12 @@ def train_autoencoder(
         torch.set_num_threads(config.num_threads)
     try:
         model, history, best_epoch = _fit(train, val, schema, config, progress)
+        ensemble_report = None
+        if config.ensemble_size > 1:
+            first_loss = history[best_epoch - 1]["val_loss"]
+            ensemble_report = _distil_ensemble(
+                model, first_loss, x, train, val, val_index, schema, config, progress
+            )
     finally:
         torch.set_num_threads(previous_threads)
     best = history[best_epoch - 1]
@@ -132,7 +148,67 @@ def train_autoencoder(
         "best_epoch": best_epoch,
         "epochs_run": len(history),
     }
+    if ensemble_report is not None:
+        metrics["ensemble"] = ensemble_report
     return TrainResult(model, history, best_epoch, metrics, val_index)
+
+
+def _distil_ensemble(
+    first: MultiGroupAutoencoder,
+    first_val_loss: float,
+    x: np.ndarray,
+    train: _Split,
+    val: _Split,
+    val_index: np.ndarray,
+    schema: FeatureSchema,
+    config: TrainConfig,
+    progress: bool,
+) -> dict[str, Any]:
+    """Train the other members, replace ``first``'s encoder by the distilled one, report."""
+    embeddings = [_embed(first, x)]
+    member_losses = [first_val_loss]
+    for member in range(1, config.ensemble_size):
+        seed = int(np.random.SeedSequence([config.seed, member]).generate_state(1)[0] >> 1)
+        logger.info("ensemble member %d/%d (seed %d)", member + 1, config.ensemble_size, seed)
+        member_config = dataclasses.replace(config, seed=seed)
+        model, history, best_epoch = _fit(train, val, schema, member_config, progress)
+        embeddings.append(_embed(model, x))
+        member_losses.append(history[best_epoch - 1]["val_loss"])
+    distilled = ensemble.distil(
+        first.encoder,
+        x,
+        ensemble.aligned_mean(embeddings),
+        val_index,
+        epochs=max(config.epochs, 2 * ensemble.DISTIL_PATIENCE),
+        batch_size=config.batch_size,
+        lr=config.lr,
+        patience=ensemble.DISTIL_PATIENCE,
+        seed=config.seed,
+    )
+    logger.info(
+        "distilled %d members: R² %.4f of their mean (val MSE %.4f, epoch %d of %d)",
+        *(config.ensemble_size, distilled.r2, distilled.val_mse),
+        *(distilled.best_epoch, distilled.epochs_run),
+    )
+    first.encoder = distilled.encoder
+    return {
+        "size": config.ensemble_size,
+        "member_val_losses": member_losses,
+        "distilled_r2": distilled.r2,
+        "distilled_val_mse": distilled.val_mse,
+        "distill_epochs_run": distilled.epochs_run,
+    }
+
+
+@torch.no_grad()
+def _embed(model: MultiGroupAutoencoder, x: np.ndarray) -> np.ndarray:
+    model.eval()
+    return np.concatenate(
+        [
+            model.encode(torch.from_numpy(x[start : start + EVAL_BATCH_SIZE])).numpy()
+            for start in range(0, len(x), EVAL_BATCH_SIZE)
+        ]
+    )
 
 
 @dataclass
