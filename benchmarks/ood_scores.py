@@ -318,7 +318,11 @@ def encode_seed(seed: int, movielens: Path, ciao: Path | None, stage: str) -> di
             version="ml-eval",
             out_dir=Path(folder),
             config=TrainConfig(
-                embedding_dim=64, epochs=100, seed=seed, item_weight=export.ITEM_SET_WEIGHT
+                embedding_dim=64,
+                epochs=100,
+                seed=seed,
+                item_weight=export.ITEM_SET_WEIGHT,
+                ensemble_size=export.ENSEMBLE_SIZE,
             ),
             item_vector_dim=export.ITEM_VECTOR_DIM,
             popularity_bins=export.POPULARITY_BINS,
