@@ -46,12 +46,16 @@ INPUTS = ("true A", "B aligned (Procrustes)", "B aligned (ridge)", "B unaligned"
 TARGET_LOSS_POINTS = 1.0
 
 
-def _embeddings(dataset, version: str, seed: int, dim: int, epochs: int, out: Path):
+def _embeddings(
+    dataset, version: str, seed: int, dim: int, epochs: int, ensemble_size: int, out: Path
+):
     trained = train_version(
         dataset,
         version=version,
         out_dir=out,
-        config=TrainConfig(embedding_dim=dim, epochs=epochs, seed=seed),
+        config=TrainConfig(
+            embedding_dim=dim, epochs=epochs, seed=seed, ensemble_size=ensemble_size
+        ),
         exclude_profile=list(LABELS),
         parent_version="A" if version == "B" else None,
         progress=False,
@@ -104,14 +108,18 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64, help="Embedding size of both versions.")
     parser.add_argument("--epochs", type=int, default=40, help="Most training epochs.")
     parser.add_argument("--seeds", type=int, nargs=2, default=(0, 1), help="Seeds of A and B.")
+    parser.add_argument(
+        "--ensemble-size", type=int, default=1, help="Autoencoders distilled into each version."
+    )
     parser.add_argument("--json", type=Path, help="Write the results here.")
     args = parser.parse_args()
 
     started = time.perf_counter()
     dataset = load_movielens(args.movielens)
     with tempfile.TemporaryDirectory() as tmp:
-        users_a, a = _embeddings(dataset, "A", args.seeds[0], args.dim, args.epochs, Path(tmp))
-        users_b, b = _embeddings(dataset, "B", args.seeds[1], args.dim, args.epochs, Path(tmp))
+        common = (args.dim, args.epochs, args.ensemble_size, Path(tmp))
+        users_a, a = _embeddings(dataset, "A", args.seeds[0], *common)
+        users_b, b = _embeddings(dataset, "B", args.seeds[1], *common)
     assert users_a == users_b, "both versions must embed the same users in the same order"
     procrustes = fit(b, a, "procrustes", source_version="B", target_version="A")
     ridge = fit(b, a, "ridge", source_version="B", target_version="A")
@@ -136,6 +144,7 @@ def main() -> None:
             "users": len(users_a),
             "dim": args.dim,
             "seeds": list(args.seeds),
+            "ensemble_size": args.ensemble_size,
             "excluded_profile_fields": list(LABELS),
             "tasks": results,
             "maps": {m.kind: m.metrics for m in (procrustes, ridge)},
