@@ -22,11 +22,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import orjson
 import redis
 import redis.asyncio
+from redis.typing import EncodableT, FieldT
 
 from encoder_service.cluster import STORE_ERRORS
 from encoder_service.registry import RegistryError
@@ -37,6 +38,9 @@ AUDIT_KEY = "{registry}:audit"
 DEFAULT_MAXLEN = 100_000
 Outcome = Literal["ok", "refused", "error"]
 _PAGE = 500
+# XREVRANGE over a non-decoding client (decode_responses=False in redis_connection): entry ids
+# and fields are bytes; redis-py's reply type also covers decoding clients and pipelines (None).
+_Page = list[tuple[bytes, Mapping[bytes, bytes]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +64,8 @@ class AuditEntry:
         at_iso = datetime.fromtimestamp(self.at, UTC).isoformat(timespec="milliseconds")
         return {**asdict(self), "at_iso": at_iso}
 
-    def _fields(self) -> dict[str, str]:
-        values = asdict(self)
+    def _fields(self) -> dict[FieldT, EncodableT]:
+        values: dict[FieldT, EncodableT] = {k: v for k, v in asdict(self).items()}
         del values["id"]
         values["at"] = repr(self.at)
         return values
@@ -138,7 +142,7 @@ class AuditLog:
         found: list[AuditEntry] = []
         upper = "+"
         while len(found) < limit:
-            page = self.client.xrevrange(AUDIT_KEY, max=upper, min="-", count=_PAGE)
+            page = cast(_Page, self.client.xrevrange(AUDIT_KEY, max=upper, min="-", count=_PAGE))
             found += _matching(page, action=action, actor=actor, target=target)
             if len(page) < _PAGE:
                 break
@@ -201,7 +205,9 @@ class AsyncAuditLog:
         found: list[AuditEntry] = []
         upper = "+"
         while len(found) < limit:
-            page = await self.client.xrevrange(AUDIT_KEY, max=upper, min="-", count=_PAGE)
+            page = cast(
+                _Page, await self.client.xrevrange(AUDIT_KEY, max=upper, min="-", count=_PAGE)
+            )
             found += _matching(page, action=action, actor=actor, target=target)
             if len(page) < _PAGE:
                 break
@@ -210,7 +216,7 @@ class AsyncAuditLog:
 
 
 def _matching(
-    page: list[tuple[bytes, Mapping[bytes, bytes]]],
+    page: _Page,
     *,
     action: str | None,
     actor: str | None,

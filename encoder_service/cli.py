@@ -271,7 +271,7 @@ def get(
         registry = Registry(client)
         chosen = version or registry.active()
         manifest = registry.get(chosen) if chosen else None
-        if manifest is None:
+        if manifest is None or not chosen:
             raise _fail(f"no such version: {chosen!r}" if chosen else "no active version")
         (raw,) = EmbeddingStore(client).read_embeddings(chosen, [user_id])
     if raw is None:

@@ -38,6 +38,9 @@ STORE_ERRORS: tuple[type[Exception], ...] = (
 client raises ``RedisClusterException`` (not a ``RedisError``) when no node answers or a slot
 has no node."""
 
+_STORE_OR_SOCKET_ERRORS: tuple[type[Exception], ...] = (*STORE_ERRORS, OSError)
+"""What makes the per-node fast paths below fall back to redis-py's own cluster commands."""
+
 
 def is_cluster(client: Any) -> bool:
     """Whether ``client`` is a cluster client (sync or asyncio)."""
@@ -67,7 +70,7 @@ def mget(client: redis.Redis, keys: Sequence[str | bytes]) -> list[bytes | None]
     commands = [(slot, ("MGET", *(keys[i] for i in group))) for slot, group in by_slot.items()]
     try:
         replies = _per_node(client, commands)
-    except (*STORE_ERRORS, OSError):
+    except _STORE_OR_SOCKET_ERRORS:
         return cast(list[bytes | None], client.mget_nonatomic(keys))  # type: ignore[attr-defined]
     values: list[bytes | None] = [None] * len(keys)
     for group, reply in zip(by_slot.values(), replies, strict=True):
@@ -88,7 +91,7 @@ def mset(client: redis.Redis, mapping: Mapping[Any, bytes]) -> None:
         by_slot.setdefault(slot_of(key), []).extend((key, value))
     try:
         _per_node(client, [(slot, ("MSET", *pairs)) for slot, pairs in by_slot.items()])
-    except (*STORE_ERRORS, OSError):
+    except _STORE_OR_SOCKET_ERRORS:
         client.mset_nonatomic(mapping)  # type: ignore[attr-defined]
 
 
@@ -173,7 +176,7 @@ async def mget_async(
 
     try:
         await asyncio.gather(*(fetch(node, groups) for node, groups in by_node.values()))
-    except (*STORE_ERRORS, OSError):
+    except _STORE_OR_SOCKET_ERRORS:
         return cast(list[bytes | None], await cluster_client.mget_nonatomic(keys))
     return values
 
@@ -249,7 +252,7 @@ def write_if_unchanged(client: redis.Redis, groups: Sequence[GuardedWrite]) -> l
     if is_cluster(client):
         try:
             return [bool(done) for done in _per_node(client, commands)]
-        except (*STORE_ERRORS, OSError):
+        except _STORE_OR_SOCKET_ERRORS:
             # Redone through redis-py; a group written before the error now differs from what
             # was read, so it reports a conflict and its caller reads it again.
             pass

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import cast
 
 import redis.asyncio
 
@@ -19,6 +20,9 @@ from encoder_service import cluster
 from encoder_service.pipelined import PipelinedConnection
 
 MAX_KEYS_PER_MGET = 2048
+
+_Request = tuple[Sequence[str], "asyncio.Future[list[bytes | None]]"]
+_Mget = Callable[[Sequence[str]], Awaitable[list[bytes | None]]]
 
 
 class CoalescingReader:
@@ -30,17 +34,20 @@ class CoalescingReader:
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self.client = client
-        self._pending: list[tuple[Sequence[str], asyncio.Future[list[bytes | None]]]] = []
+        self._pending: list[_Request] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         # Chosen once: on a single server the MGET goes down one pipelined connection (redis-py
         # where that cannot be used: TLS, no hiredis), on a cluster it is split per slot.
         on_cluster = cluster.is_cluster(client)
         self._pipelined = None if on_cluster else PipelinedConnection.for_client(client)
-        self._mget = (
+        # The client never decodes replies (decode_responses=False), so values are bytes;
+        # redis-py types ``mget`` for decoding clients as well.
+        self._mget = cast(
+            _Mget,
             functools.partial(cluster.mget_async, client)
             if on_cluster
-            else (self._pipelined or client).mget
+            else (self._pipelined or client).mget,
         )
 
     async def aclose(self) -> None:
@@ -60,7 +67,8 @@ class CoalescingReader:
     def _flush(self) -> None:
         batch, self._pending, self._scheduled = self._pending, [], False
         while batch:
-            chunk, size = [], 0
+            chunk: list[_Request] = []
+            size = 0
             while batch and (not chunk or size + len(batch[0][0]) <= MAX_KEYS_PER_MGET):
                 keys, future = batch.pop(0)
                 chunk.append((keys, future))
@@ -69,9 +77,7 @@ class CoalescingReader:
             self._tasks.add(task)  # keep a reference until done
             task.add_done_callback(self._tasks.discard)
 
-    async def _fetch(
-        self, chunk: list[tuple[Sequence[str], asyncio.Future[list[bytes | None]]]]
-    ) -> None:
+    async def _fetch(self, chunk: list[_Request]) -> None:
         keys = [key for request_keys, _ in chunk for key in request_keys]
         try:
             values = await self._mget(keys)

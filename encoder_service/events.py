@@ -174,7 +174,7 @@ def parse_entries(
     """
     parsed: list[Event | ContractError] = []
     for fields in entries:
-        event = _plain_event(fields, latest)
+        event: Event | ContractError | None = _plain_event(fields, latest)
         if event is None:
             try:
                 event = parse_event(fields_to_raw(fields), latest=latest)

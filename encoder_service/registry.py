@@ -13,6 +13,7 @@ asyncio (API) executor, so that both sides obey exactly the same rules.
 
 from __future__ import annotations
 
+import builtins
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import orjson
 import redis
 import redis.asyncio
 from redis.client import Pipeline
+from redis.typing import EncodableT, FieldT
 
 from encoder_service.store import validate_version
 
@@ -245,7 +247,12 @@ def _check_status(status: str) -> None:
         raise InvalidTransitionError(f"unknown status {status!r}; use one of {STATUSES}")
 
 
-def _manifests(raw: Mapping[bytes, bytes]) -> dict[str, dict[str, Any]]:
+# The clients never decode replies (decode_responses=False in redis_connection), so a hash comes
+# back with bytes keys and values; redis-py's reply types also cover decoding clients.
+_BytesHash = Mapping[bytes, bytes]
+
+
+def _manifests(raw: _BytesHash) -> dict[str, dict[str, Any]]:
     return {k.decode(): orjson.loads(v) for k, v in raw.items()}
 
 
@@ -268,7 +275,7 @@ def _readers(
     return sorted(usage, key=lambda r: r.last_read_at, reverse=True)
 
 
-def _decode_fields(raw: Mapping[bytes, bytes]) -> dict[str, bytes] | None:
+def _decode_fields(raw: _BytesHash) -> dict[str, bytes] | None:
     return {k.decode(): v for k, v in raw.items()} or None
 
 
@@ -289,7 +296,7 @@ class Registry:
 
     def _apply(self, plan: Plan) -> dict[str, Any]:
         def fn(pipe: Pipeline) -> dict[str, Any]:
-            change = plan(_manifests(pipe.hgetall(VERSIONS_KEY)), _text(pipe.get(ACTIVE_KEY)))
+            change = plan(_manifests(cast(_BytesHash, pipe.hgetall(VERSIONS_KEY))), _text(pipe.get(ACTIVE_KEY)))
             pipe.multi()
             _queue(pipe, change)
             return change.result
@@ -420,7 +427,7 @@ class Registry:
         note = {"forced_past": [r.client for r in readers]} if readers else {}
         return self._apply(_set_status(version, "retired", by, **note))
 
-    def readers(self, version: str, *, since: float = 0.0) -> list[ReaderUsage]:
+    def readers(self, version: str, *, since: float = 0.0) -> builtins.list[ReaderUsage]:
         """API keys that read ``version`` at or after ``since`` (unix seconds), latest first."""
         with self.client.pipeline(transaction=True) as pipe:
             pipe.hgetall(reads_key(version))
@@ -431,14 +438,15 @@ class Registry:
     def set_alignment(self, source: str, target: str, fields: Mapping[str, bytes]) -> None:
         """Store the map from ``source``'s space to ``target``'s, replacing any previous one."""
         key = alignment_key(source, target)
+        mapping: dict[FieldT, EncodableT] = {k: v for k, v in fields.items()}
         with self.client.pipeline(transaction=True) as pipe:
             pipe.delete(key)
-            pipe.hset(key, mapping=dict(fields))
+            pipe.hset(key, mapping=mapping)
             pipe.execute()
 
     def alignment(self, source: str, target: str) -> dict[str, bytes] | None:
         """The stored fields of the ``source`` -> ``target`` map, or None."""
-        return _decode_fields(self.client.hgetall(alignment_key(source, target)))
+        return _decode_fields(cast(_BytesHash, self.client.hgetall(alignment_key(source, target))))
 
     def _artefact(self, key: str, version: str) -> bytes:
         raw = self.client.get(key)
@@ -476,7 +484,7 @@ class AsyncRegistry:
             while True:
                 try:
                     await pipe.watch(VERSIONS_KEY, ACTIVE_KEY)
-                    manifests = _manifests(await pipe.hgetall(VERSIONS_KEY))
+                    manifests = _manifests(cast(_BytesHash, await pipe.hgetall(VERSIONS_KEY)))
                     change = plan(manifests, _text(await pipe.get(ACTIVE_KEY)))
                     pipe.multi()
                     _queue(pipe, change)
@@ -512,7 +520,9 @@ class AsyncRegistry:
         note = {"forced_past": [r.client for r in readers]} if readers else {}
         return await self._apply(_set_status(version, "retired", by, **note))
 
-    async def readers(self, version: str, *, since: float = 0.0) -> list[ReaderUsage]:
+    async def readers(
+        self, version: str, *, since: float = 0.0
+    ) -> builtins.list[ReaderUsage]:
         """See :meth:`Registry.readers`."""
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hgetall(reads_key(version))
@@ -532,4 +542,6 @@ class AsyncRegistry:
 
     async def alignment(self, source: str, target: str) -> dict[str, bytes] | None:
         """See :meth:`Registry.alignment`."""
-        return _decode_fields(await self.client.hgetall(alignment_key(source, target)))
+        return _decode_fields(
+            cast(_BytesHash, await self.client.hgetall(alignment_key(source, target)))
+        )

@@ -167,9 +167,11 @@ def decode_rows(
     hits = [raw for raw in raws if raw is not None]
     matrix = np.full((len(raws), dim), np.nan, dtype=np.float32)
     if hits and set(map(len, hits)) != {expected}:
-        position = next(i for i, raw in enumerate(raws) if raw is not None and len(raw) != expected)
+        position, wrong = next(
+            (i, raw) for i, raw in enumerate(raws) if raw is not None and len(raw) != expected
+        )
         raise CorruptEmbeddingError(
-            f"embedding value {position} is {len(raws[position])} bytes, expected {expected} "
+            f"embedding value {position} is {len(wrong)} bytes, expected {expected} "
             f"({dim} x {dtype})"
         )
     if hits:

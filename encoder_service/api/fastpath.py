@@ -12,6 +12,7 @@ so OpenAPI documents this endpoint and the slow path serves it identically.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import parse_qsl
 
 import orjson
@@ -126,7 +127,7 @@ class EmbeddingFastPath:
         return True
 
 
-def _version_param(query: bytes) -> str | None | bool:
+def _version_param(query: bytes) -> str | None | Literal[False]:
     """The ``version`` query value; None when absent; False when the app must judge the query."""
     if not query:
         return None

@@ -8,6 +8,7 @@ unexpected errors are logged here and answered with a bare ``internal-error``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +130,7 @@ def problem_response(
     detail: str,
     instance: str | None = None,
     *,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
     **extensions: Any,
 ) -> Response:
     body = {
@@ -152,7 +153,8 @@ def _retry_after(request: Request) -> dict[str, str]:
 async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
     kind = next(_SERVICE_PROBLEMS[c] for c in type(exc).__mro__ if c in _SERVICE_PROBLEMS)
-    return problem_response(kind, str(exc), request.url.path, **exc.context)
+    # ``context`` is echoed in the body; it never sets headers.
+    return problem_response(kind, str(exc), request.url.path, headers=None, **exc.context)
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:

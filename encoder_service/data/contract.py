@@ -220,10 +220,10 @@ def parse_event(raw: Mapping[str, Any], *, latest: float = MAX_TIMESTAMP) -> Eve
         raise ContractError(f"more than {MAX_PROFILE_FIELDS} fields", field="profile")
     profile: dict[str, str | float | None] = {}
     for key, value in profile_raw.items():
-        name = parse_text(key, "profile")
-        if name is None:
+        profile_name = parse_text(key, "profile")
+        if profile_name is None:
             raise ContractError("empty field name", field="profile")
-        profile[name] = parse_profile_value(value, f"profile.{name}")
+        profile[profile_name] = parse_profile_value(value, f"profile.{profile_name}")
     return Event(
         user_id=check_id(raw.get("user_id"), "user_id"),
         item_id=check_id(raw.get("item_id"), "item_id"),

@@ -102,7 +102,9 @@ class ItemCatalog:
     def to_bytes(self) -> bytes:
         """An ``.npz`` without pickles, so loading a catalogue can never execute code."""
         buffer = io.BytesIO()
-        popularity = (
+        # Any: savez_compressed's keyword arguments include ``allow_pickle``, so mypy cannot
+        # tell a str-keyed dict of arrays from one that sets it.
+        popularity: dict[str, Any] = (
             {"cold_popularity": np.asarray(self.cold_popularity, dtype=np.float64)}
             if self.cold_popularity
             else {}
