@@ -23,7 +23,7 @@ from encoder_service.registry import Registry, UnknownVersionError
 from encoder_service.store import EmbeddingStore, decode_embedding, validate_version
 
 Kind = Literal["procrustes", "ridge"]
-KINDS: tuple[str, ...] = get_args(Kind)
+KINDS: tuple[Kind, ...] = get_args(Kind)
 RIDGE_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0)
 """Ridge penalties tried, relative to the mean eigenvalue of the source covariance."""
 HOLDOUT = 0.2

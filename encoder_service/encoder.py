@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
@@ -21,6 +21,9 @@ from encoder_service.features.catalog import ItemCatalog
 from encoder_service.features.schema import FeatureSchema
 from encoder_service.features.state import FeatureState
 from encoder_service.features.vectorize import Vectorizer
+
+if TYPE_CHECKING:
+    from encoder_service.store import EmbeddingDtype
 
 MODEL_FILE = "encoder.onnx"
 CATALOG_FILE = "catalog.npz"
@@ -71,7 +74,7 @@ class Encoder:
                 f"({manifest.get('catalog_hash')} vs {self.catalog_id})"
             )
         self.dim: int = int(manifest["embedding_dim"])
-        self.dtype: str = manifest.get("dtype", "float32")
+        self.dtype: EmbeddingDtype = manifest.get("dtype", "float32")
         self.vectorize = Vectorizer(self.schema, self.catalog_id)
         options = ort.SessionOptions()
         # One thread per session: the refresher's batches are small and processes scale out.

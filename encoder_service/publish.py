@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import redis
@@ -81,7 +81,9 @@ def _store_full(client: redis.Redis, version: str, exc: redis.OutOfMemoryError) 
     one line knows the service is intact and what to change.
     """
     try:
-        limit = int(client.config_get("maxmemory").get("maxmemory", 0))
+        # redis-py parses a CONFIG GET reply into str keys and values whatever the client.
+        config = cast(dict[str, str], client.config_get("maxmemory"))
+        limit = int(config.get("maxmemory", 0))
         active = Registry(client).active()
     except redis.RedisError:  # CONFIG may be disabled on a managed server
         limit, active = 0, None
@@ -471,7 +473,8 @@ def _try_write(
     keys = [state_key(u) for u in users]
     with client.pipeline(transaction=True) as pipe:
         pipe.watch(*keys)
-        blobs = pipe.mget(keys)
+        # The client never decodes replies (decode_responses=False): values are bytes.
+        blobs = cast(list[bytes | None], pipe.mget(keys))
         present, values, filled = _encode_present(encoder, users, blobs, translations)
         if not present:
             return 0
@@ -544,7 +547,7 @@ def _align_to_parent(client: redis.Redis, manifest: dict[str, Any]) -> dict[str,
     try:
         maps: list[AlignmentMap] = [
             align_versions(client, version, parent, kind)
-            for kind in KINDS  # type: ignore[arg-type]
+            for kind in KINDS
         ]
     except (AlignmentError, LookupError) as exc:
         log.warning("no alignment %s -> %s: %s", version, parent, exc)

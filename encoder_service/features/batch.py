@@ -459,9 +459,9 @@ class StateBatch:
         for cid, catalog in catalogs.items():
             vectors = _item_vectors(catalog, events, per_event)
             term = contribution[:, :, None] * vectors[:, None, :]
-            sums = self._item_slot(cid, catalog.dim)
+            item_sums = self._item_slot(cid, catalog.dim)
             present = self.item_present[cid][users]
-            sums[users] = np.where(present[:, None, None], sums[users] + term, term)
+            item_sums[users] = np.where(present[:, None, None], item_sums[users] + term, term)
             self.item_present[cid][users] = True
 
         rhythm_w = w * rhythm_scale
@@ -504,9 +504,9 @@ class StateBatch:
                 rhythm_of = np.zeros(len(self))
                 rhythm_of[users] = rhythm
                 sums.values[rows, 0] *= rhythm_of[owners[rows]]
-        for cid, sums in self.item_sums.items():
+        for cid, item_sums in self.item_sums.items():
             held = users[self.item_present[cid][users]]
-            sums[held] = sums[held] * per_user[held][:, :, None]
+            item_sums[held] = item_sums[held] * per_user[held][:, :, None]
 
 
 def _decay(delta_seconds: np.ndarray, half_lives: np.ndarray) -> np.ndarray:

@@ -62,7 +62,7 @@ class Vectorizer:
         other = self._category_slot[OTHER]
         slots = [self._category_slot.get(name, other) for name in sums.names]
         block = np.zeros((len(batch), len(self._category_slot), sums.width))
-        np.add.at(block, (sums.owners(), slots), sums.values)
+        np.add.at(block, (sums.owners(), np.asarray(slots, dtype=np.intp)), sums.values)
         totals = block.sum(axis=1, keepdims=True)
         block /= np.where(totals > 0, totals, 1.0)
         start = self._affinity_start
@@ -164,7 +164,7 @@ def _fill_distribution(
     if len(sums):
         other = slots[OTHER]
         columns = [slots.get(name, other) for name in sums.names]
-        np.add.at(block, (sums.owners(), columns), sums.values[:, 0])
+        np.add.at(block, (sums.owners(), np.asarray(columns, dtype=np.intp)), sums.values[:, 0])
     x[:, seg.start : seg.end] = _normalised(block)
 
 

@@ -169,9 +169,14 @@ def replay(
         if cluster.is_cluster(client):
             results = _move_on_cluster(client, group, shards=shards, maxlen=maxlen)
         else:
-            results = client.transaction(
-                functools.partial(_queue_move, copies=group, shards=shards, maxlen=maxlen),
-                DEAD_LETTER_KEY,
+            # The replies of the queued commands, XADD's new entry id first (bytes: the client
+            # never decodes); redis-py types a transaction's result as anything.
+            results = cast(
+                list[bytes],
+                client.transaction(
+                    functools.partial(_queue_move, copies=group, shards=shards, maxlen=maxlen),
+                    DEAD_LETTER_KEY,
+                ),
             )
         if results:
             moved.append((group[0], results[0].decode()))

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 import redis
@@ -68,7 +68,7 @@ T = TypeVar("T")
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 """Set by ``torchrun`` for every process it starts; all present means "launched by torchrun"."""
 
-_BUFFERS_SYNCED_AT_START_ONLY = (
+_BUFFERS_SYNCED_AT_START_ONLY: dict[str, Any] = (
     {"forward_sync_buffers": False}
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
     else {"broadcast_buffers": False}  # its name before torch 2.13
@@ -139,7 +139,7 @@ class World:
         """
         if not self.distributed:
             return torch.randperm(n, generator=generator)
-        sampler = DistributedSampler(
+        sampler: DistributedSampler[int] = DistributedSampler(
             cast(torch.utils.data.Dataset, range(n)),
             num_replicas=self.size,
             rank=self.rank,

@@ -66,6 +66,9 @@ def standardisation_stats(x: np.ndarray, floor: float = STD_FLOOR) -> tuple[np.n
 class Standardize(nn.Module):
     """``(x - mean) / std`` with the statistics stored as buffers (saved and exported)."""
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, mean: Tensor, std: Tensor) -> None:
         super().__init__()
         self.register_buffer("mean", mean.detach().clone().float())
@@ -168,6 +171,9 @@ class MultiGroupAutoencoder(nn.Module):
         item_weight: weight of the item-set loss, in units of one (normalised) group.
         item_loss_scale: divisor of the item-set loss, e.g. :func:`null_item_loss`.
     """
+
+    feature_group: Tensor
+    loss_scale: Tensor
 
     def __init__(
         self,
