@@ -35,6 +35,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check encoder_service downstream_adapters tests benchmarks
+	$(BIN)/mypy encoder_service
 
 # Known vulnerabilities in the installed dependencies (pip-audit, in its own virtualenv, auditing
 # .venv). Fails only when a fixed release exists; see .ci/dependency_audit.py.

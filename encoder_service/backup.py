@@ -66,21 +66,19 @@ ROW_GROUP_BYTES = 64 * 2**20
 _HASH_BLOCK = 2**20
 _ITEMSIZE = {"float32": 4, "float16": 2}
 
-USERS_SCHEMA = pa.schema(
-    [
-        pa.field("user_id", pa.string(), nullable=False),
-        pa.field("embedding", pa.binary()),
-        pa.field("state", pa.binary()),
-        pa.field("meta", pa.binary()),
-    ]
-)
-REGISTRY_SCHEMA = pa.schema(
-    [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("field", pa.string()),
-        pa.field("value", pa.binary(), nullable=False),
-    ]
-)
+_USERS_FIELDS: list[pa.Field] = [
+    pa.field("user_id", pa.string(), nullable=False),
+    pa.field("embedding", pa.binary()),
+    pa.field("state", pa.binary()),
+    pa.field("meta", pa.binary()),
+]
+USERS_SCHEMA = pa.schema(_USERS_FIELDS)
+_REGISTRY_FIELDS: list[pa.Field] = [
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("field", pa.string()),
+    pa.field("value", pa.binary(), nullable=False),
+]
+REGISTRY_SCHEMA = pa.schema(_REGISTRY_FIELDS)
 
 
 class BackupError(ValueError):
@@ -343,7 +341,9 @@ def _remove_version(client: redis.Redis, version: str) -> None:
         pipe.execute()
 
 
-def _check_row(user: str, emb: bytes | None, width: int, position: int) -> None:
+def _check_row(user: str | None, emb: bytes | None, width: int, position: int) -> None:
+    if user is None:  # the column is declared non-null, but the file may not come from us
+        raise BackupError(f"{USERS_FILE} row {position}: user_id is missing")
     try:
         validate_user_id(user)
     except InvalidIdError as exc:

@@ -545,10 +545,7 @@ def _align_to_parent(client: redis.Redis, manifest: dict[str, Any]) -> dict[str,
         return None
     version = manifest["version"]
     try:
-        maps: list[AlignmentMap] = [
-            align_versions(client, version, parent, kind)
-            for kind in KINDS
-        ]
+        maps: list[AlignmentMap] = [align_versions(client, version, parent, kind) for kind in KINDS]
     except (AlignmentError, LookupError) as exc:
         log.warning("no alignment %s -> %s: %s", version, parent, exc)
         return None

@@ -296,7 +296,10 @@ class Registry:
 
     def _apply(self, plan: Plan) -> dict[str, Any]:
         def fn(pipe: Pipeline) -> dict[str, Any]:
-            change = plan(_manifests(cast(_BytesHash, pipe.hgetall(VERSIONS_KEY))), _text(pipe.get(ACTIVE_KEY)))
+            change = plan(
+                _manifests(cast(_BytesHash, pipe.hgetall(VERSIONS_KEY))),
+                _text(pipe.get(ACTIVE_KEY)),
+            )
             pipe.multi()
             _queue(pipe, change)
             return change.result
@@ -520,9 +523,7 @@ class AsyncRegistry:
         note = {"forced_past": [r.client for r in readers]} if readers else {}
         return await self._apply(_set_status(version, "retired", by, **note))
 
-    async def readers(
-        self, version: str, *, since: float = 0.0
-    ) -> builtins.list[ReaderUsage]:
+    async def readers(self, version: str, *, since: float = 0.0) -> builtins.list[ReaderUsage]:
         """See :meth:`Registry.readers`."""
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hgetall(reads_key(version))

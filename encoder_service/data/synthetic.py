@@ -214,7 +214,9 @@ def _ids(prefix: str, n: int) -> pa.Array:
     """Zero-padded ids, so that string order is numeric order and the events come out sorted."""
     width = len(str(n - 1))
     digits = pc.utf8_lpad(pc.cast(pa.array(np.arange(n)), pa.string()), width, "0")
-    return pc.binary_join_element_wise(prefix, digits, "").cast(pa.large_string())
+    # The stubs' overloads want all arrays or all scalars; pyarrow takes a str among arrays.
+    joined = pc.binary_join_element_wise(prefix, digits, "")  # type: ignore[call-overload]
+    return joined.cast(pa.large_string())
 
 
 def _take_strings(values: pa.Array, indices: np.ndarray) -> pd.Series:
@@ -478,7 +480,7 @@ def _profiles(
     n = len(archetype)
     age_mean = np.array([a.age_mean for a in ARCHETYPES])[archetype]
     age = np.clip(np.round(rng.normal(age_mean, 7.0)), 16, 85)
-    direction = rng.normal(size=taste.shape[1]).astype(np.float32)
+    direction = rng.normal(size=int(taste.shape[1])).astype(np.float32)
     lean = taste @ direction
     lean = (lean - lean.mean()) / max(float(lean.std()), 1e-9)
     female = rng.random(n) < 1.0 / (1.0 + np.exp(-2.0 * lean))

@@ -16,9 +16,10 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -302,6 +303,15 @@ def _arrow(values: pd.Series) -> pa.Array:
     return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
 
 
+def _dictionary_encode(
+    values: pd.Series, null_encoding: Literal["mask", "encode"] = "mask"
+) -> pa.DictionaryArray:
+    """A column as Arrow dictionary codes into its distinct values."""
+    encoded = pc.dictionary_encode(_arrow(values), null_encoding=null_encoding)
+    # The pyarrow stubs type the result as the argument's type; it is a DictionaryArray.
+    return cast(pa.DictionaryArray, encoded)
+
+
 def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
@@ -467,7 +477,7 @@ def _as_object(text: pd.Series) -> pd.Series:
     Labels repeat, so each distinct one becomes one Python string shared by its rows, which is
     faster and smaller than a string object per row.
     """
-    encoded = pc.dictionary_encode(_arrow(text), null_encoding="encode")
+    encoded = _dictionary_encode(text, null_encoding="encode")
     labels = np.asarray(encoded.dictionary.to_pylist() + [None], dtype=object)
     return pd.Series(labels[encoded.indices.to_numpy(zero_copy_only=False)], dtype=object)
 
@@ -538,7 +548,8 @@ def _vector_column(label: str, series: pd.Series | None, rows: int) -> np.ndarra
             lines = io.StringIO("\n".join(series.iloc[present]))
             matrix = np.loadtxt(lines, dtype=np.float64, ndmin=2, comments=None)
         else:
-            matrix = np.stack([arrays[p] for p in present]).astype(np.float64)
+            # Every row in ``present`` has a vector (its length is above 0).
+            matrix = np.stack([cast(np.ndarray, arrays[p]) for p in present]).astype(np.float64)
         usable = bool(np.isfinite(_float32(matrix)).all())
     except ValueError:
         usable = False
@@ -549,13 +560,13 @@ def _vector_column(label: str, series: pd.Series | None, rows: int) -> np.ndarra
     return out
 
 
-def _float32(values: np.ndarray) -> np.ndarray:
+def _float32(values: npt.ArrayLike) -> np.ndarray:
     """Values as float32; those beyond its range become inf, which the callers refuse."""
     with np.errstate(over="ignore"):
         return np.asarray(values, dtype=np.float64).astype(np.float32)
 
 
-def _vector_values(label: str, position: int, raw: Any) -> np.ndarray:
+def _vector_values(label: str, position: int | np.integer[Any], raw: Any) -> np.ndarray:
     """One row's vector, or the error that names its first unusable value."""
     tokens = raw.split() if isinstance(raw, str) else np.asarray(raw).ravel()
     values = np.empty(len(tokens))
@@ -610,7 +621,7 @@ def _normalise_events(
             "context": _text_column(label, raw.get("context"), "context", rows, None),
         }
     )
-    return frame, pc.dictionary_encode(_arrow(user_ids)), pc.dictionary_encode(_arrow(item_ids))
+    return frame, _dictionary_encode(user_ids), _dictionary_encode(item_ids)
 
 
 def _normalise_users(label: str, raw: pd.DataFrame) -> pd.DataFrame:
@@ -757,7 +768,7 @@ def _complete_items(
 
 
 def _codes(values: pd.Series) -> np.ndarray:
-    encoded = pc.dictionary_encode(_arrow(values), null_encoding="encode")
+    encoded = _dictionary_encode(values, null_encoding="encode")
     return encoded.indices.to_numpy(zero_copy_only=False)
 
 
