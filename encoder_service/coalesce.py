@@ -21,7 +21,7 @@ from encoder_service.pipelined import PipelinedConnection
 
 MAX_KEYS_PER_MGET = 2048
 
-_Request = tuple[Sequence[str], "asyncio.Future[list[bytes | None]]"]
+_Request = tuple[Sequence[str], asyncio.Future[list[bytes | None]]]
 _Mget = Callable[[Sequence[str]], Awaitable[list[bytes | None]]]
 
 
