@@ -273,6 +273,22 @@ def test_a_corrupt_embedding_is_refused_and_nothing_half_written_stays(
     assert Registry(populated).get("v1") is None
 
 
+def test_a_missing_user_id_is_refused_naming_its_row(
+    populated: redis.Redis, tmp_path: Path
+) -> None:
+    folder = tmp_path / "v1"
+    export_version(populated, "v1", folder)
+    rows = pq.read_table(folder / backup.USERS_FILE).to_pylist()
+    rows[4]["user_id"] = None
+    # A file not written by the export: its user_id column admits nulls.
+    loose = pa.schema([f.with_nullable(True) for f in backup.USERS_SCHEMA])
+    _rewrite(folder, backup.USERS_FILE, pa.Table.from_pylist(rows, loose))
+    populated.flushdb()
+    with pytest.raises(BackupError, match=r"row 5: user_id is missing"):
+        import_version(populated, folder, chunk_size=10)
+    assert EmbeddingStore(populated).count_embeddings("v1") == 0
+
+
 def test_export_refuses_an_unknown_version_and_a_used_folder(
     populated: redis.Redis, tmp_path: Path
 ) -> None:
