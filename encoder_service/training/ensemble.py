@@ -64,9 +64,8 @@ def aligned_mean(embeddings: list[np.ndarray], rounds: int = GPA_ROUNDS) -> np.n
             weight, bias = procrustes(member.astype(np.float64), mean)
             mapped.append(member @ weight + bias)
         mean = np.mean(mapped, axis=0)
-    centred = mean - mean.mean(axis=1, keepdims=True)
-    scale = np.sqrt((centred**2).mean(axis=1, keepdims=True) + 1e-5)
-    return (centred / scale).astype(np.float32)
+    # The encoder's own final normalisation, so the target is on the scale the student produces.
+    return F.layer_norm(torch.from_numpy(mean), (mean.shape[1],)).numpy().astype(np.float32)
 
 
 def distil(
