@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -68,6 +68,9 @@ from encoder_service.data.tables import Dataset  # noqa: E402
 from encoder_service.encoder import Encoder  # noqa: E402
 from encoder_service.features.state import FeatureState  # noqa: E402
 from encoder_service.settings import get_settings  # noqa: E402
+
+if TYPE_CHECKING:
+    from encoder_service.training.train import ItemSetTarget
 
 DEFAULT_TARGETS = ("Cameras", "Electronics", "Health")
 TOP_RATING = 5.0
@@ -136,13 +139,15 @@ def prepare(
     *,
     item_vector_dim: int,
     item_set_weight: float,
+    item_set_target: ItemSetTarget,
+    max_branch_width: int,
     ensemble_size: int,
 ) -> Prepared:
     """Train the encoder before the cut-off and build every sample's features.
 
     The command line's encoder settings default to the service's (``ENCODER_ITEM_VECTOR_DIM``,
-    ``ENCODER_ITEM_SET_WEIGHT``, ``ENCODER_ENSEMBLE_SIZE``), so the table measures what a
-    deployment trains by default.
+    ``ENCODER_ITEM_SET_WEIGHT``, ``ENCODER_ITEM_SET_TARGET``, ``ENCODER_MAX_BRANCH_WIDTH``,
+    ``ENCODER_ENSEMBLE_SIZE``), so the table measures what a deployment trains by default.
     """
     from encoder_service.training.pipeline import train_version
     from encoder_service.training.train import TrainConfig
@@ -170,6 +175,8 @@ def prepare(
                 epochs=epochs,
                 seed=seed,
                 item_weight=item_set_weight,
+                item_set_target=item_set_target,
+                max_branch_width=max_branch_width,
                 ensemble_size=ensemble_size,
             ),
             item_vector_dim=item_vector_dim,
@@ -707,6 +714,18 @@ def main() -> None:
         help="item-set reconstruction weight (default: ENCODER_ITEM_SET_WEIGHT's)",
     )
     parser.add_argument(
+        "--item-set-target",
+        choices=["presence", "weight"],
+        default=settings.item_set_target,
+        help="what the item-set reconstruction predicts (default: ENCODER_ITEM_SET_TARGET's)",
+    )
+    parser.add_argument(
+        "--max-branch-width",
+        type=int,
+        default=settings.max_branch_width,
+        help="widest branch of the encoder's feature groups (default: ENCODER_MAX_BRANCH_WIDTH's)",
+    )
+    parser.add_argument(
         "--ensemble-size",
         type=int,
         default=settings.ensemble_size,
@@ -756,6 +775,8 @@ def main() -> None:
             seed=0,
             item_vector_dim=args.item_vector_dim,
             item_set_weight=args.item_set_weight,
+            item_set_target=args.item_set_target,
+            max_branch_width=args.max_branch_width,
             ensemble_size=args.ensemble_size,
         )
         if args.cache:

@@ -322,6 +322,8 @@ def encode_seed(seed: int, movielens: Path, ciao: Path | None, stage: str) -> di
                 epochs=100,
                 seed=seed,
                 item_weight=export.ITEM_SET_WEIGHT,
+                item_set_target=export.ITEM_SET_TARGET,
+                max_branch_width=export.MAX_BRANCH_WIDTH,
                 ensemble_size=export.ENSEMBLE_SIZE,
             ),
             item_vector_dim=export.ITEM_VECTOR_DIM,

@@ -159,6 +159,8 @@ def _train_and_publish(
             epochs=epochs,
             seed=settings.seed,
             item_weight=settings.item_set_weight,
+            item_set_target=settings.item_set_target,
+            max_branch_width=settings.max_branch_width,
             ensemble_size=settings.ensemble_size,
         )
         trained = train_version(

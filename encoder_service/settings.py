@@ -74,6 +74,22 @@ class Settings(BaseSettings):
         "units of one normalised feature group (0 = off). Higher keeps more of which items a "
         "user chose at the expense of the behavioural groups (docs/evaluation.md).",
     )
+    item_set_target: Literal["presence", "weight"] = Field(
+        default="presence",
+        description="What the item-set reconstruction of a new version predicts: `presence` "
+        "(which items a user had events on) or `weight` (also each item's mean event weight, "
+        "e.g. the rating). `weight` lifted gender and age on MovieLens-100K; with implicit "
+        "feedback the two are the same (docs/evaluation.md).",
+    )
+    max_branch_width: int = Field(
+        default=128,
+        ge=16,
+        le=4096,
+        description="Widest hidden layer of each feature group's branches in a new version's "
+        "autoencoder; a wider group is compressed inside its branch. 256 with 128-dim item "
+        "vectors lifted gender and age on MovieLens-100K, and costs encoder time "
+        "(docs/evaluation.md).",
+    )
     ensemble_size: int = Field(
         default=1,
         ge=1,

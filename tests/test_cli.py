@@ -115,13 +115,15 @@ def test_item_settings_reach_the_trained_version(
     env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Items without content vectors get learned ones as wide as ENCODER_ITEM_VECTOR_DIM, and
-    the manifest records the item-set weight the version was trained with."""
+    the manifest records the item-set weight and target the version was trained with."""
     rows = [
         f"u{u},i{(u * 7 + k) % 30},{1700000000 + 3600 * k}" for u in range(40) for k in range(6)
     ]
     (env / "events.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
     monkeypatch.setenv("ENCODER_ITEM_VECTOR_DIM", "12")
     monkeypatch.setenv("ENCODER_ITEM_SET_WEIGHT", "7.5")
+    monkeypatch.setenv("ENCODER_ITEM_SET_TARGET", "weight")
+    monkeypatch.setenv("ENCODER_MAX_BRANCH_WIDTH", "24")
     get_settings.cache_clear()
     args = ["train", "--events", str(env / "events.csv"), "--epochs", "1", "--no-publish"]
     result = _run(*args, "--version", "wide")
@@ -129,5 +131,7 @@ def test_item_settings_reach_the_trained_version(
     manifest = json.loads((env / "home" / "models" / "wide" / "manifest.json").read_text())
     assert manifest["schema"]["item_vector_dim"] == 12
     assert manifest["training"]["item_set_weight"] == 7.5
+    assert manifest["training"]["item_set_target"] == "weight"
+    assert manifest["training"]["max_branch_width"] == 24
     taste = next(g for g in manifest["schema"]["groups"] if g["name"] == "item_taste")
     assert [s["end"] - s["start"] for s in taste["segments"]] == [12, 12, 12]

@@ -34,6 +34,11 @@ LABEL_FIELDS = ["gender", "age", "occupation"]
 # service's defaults (docs/evaluation.md, "Wider item vectors").
 ITEM_VECTOR_DIM = 128
 ITEM_SET_WEIGHT = 100.0
+# The item-set reconstruction predicts each film's rating, not only that it was rated, and the
+# group branches are up to 256 wide instead of the service's 128 (docs/evaluation.md, "Weighted
+# item sets and wider branches").
+ITEM_SET_TARGET = "weight"
+MAX_BRANCH_WIDTH = 256
 # Ten seeds distilled into one encoder (docs/evaluation.md, "Seed ensembles"); the service's
 # default is one.
 ENSEMBLE_SIZE = 10
@@ -161,6 +166,18 @@ def main() -> None:
         help="item-set reconstruction weight",
     )
     parser.add_argument(
+        "--item-set-target",
+        choices=["presence", "weight"],
+        default=ITEM_SET_TARGET,
+        help="what the item-set reconstruction predicts",
+    )
+    parser.add_argument(
+        "--max-branch-width",
+        type=int,
+        default=MAX_BRANCH_WIDTH,
+        help="widest hidden layer of the feature groups' branches",
+    )
+    parser.add_argument(
         "--popularity-bins",
         type=int,
         default=POPULARITY_BINS,
@@ -180,6 +197,8 @@ def main() -> None:
         epochs=args.epochs,
         seed=args.seed,
         item_weight=args.item_set_weight,
+        item_set_target=args.item_set_target,
+        max_branch_width=args.max_branch_width,
         ensemble_size=args.ensemble_size,
     )
     rng = np.random.default_rng(args.seed)

@@ -48,9 +48,16 @@ STD_FLOOR = 1e-3
 """Smallest standard deviation used to scale a feature; constant features would divide by ~0."""
 
 
-def branch_width(group_width: int) -> int:
-    """Hidden width of a group's branches: follows the group's width within [16, 128]."""
-    return min(128, max(16, group_width))
+MAX_BRANCH_WIDTH = 128
+"""Default widest hidden layer of a group's branches; a wider group is compressed inside its own
+branch before the fusion layer sees it. The MovieLens evaluation export uses 256, so its 384
+item-taste inputs (128-dim item vectors over three horizons) keep more of what a linear head
+needs (docs/evaluation.md, "Weighted item sets and wider branches")."""
+
+
+def branch_width(group_width: int, max_width: int = MAX_BRANCH_WIDTH) -> int:
+    """Hidden width of a group's branches: follows the group's width within [16, max_width]."""
+    return min(max_width, max(16, group_width))
 
 
 def standardisation_stats(x: np.ndarray, floor: float = STD_FLOOR) -> tuple[np.ndarray, np.ndarray]:
@@ -108,6 +115,7 @@ class UserEncoder(nn.Module):
         embedding_dim: int,
         mean: Tensor,
         std: Tensor,
+        max_branch_width: int = MAX_BRANCH_WIDTH,
     ) -> None:
         super().__init__()
         if mean.shape != (input_dim,) or std.shape != (input_dim,):
@@ -116,11 +124,12 @@ class UserEncoder(nn.Module):
         self.embedding_dim = embedding_dim
         self.slices = [(g.start, g.end) for g in groups]
         self.standardize = Standardize(mean, std)
-        widths = [end - start for start, end in self.slices]
+        hidden = [branch_width(end - start, max_branch_width) for start, end in self.slices]
         self.branches = nn.ModuleList(
-            GroupBranch(w, branch_width(w), branch_width(w)) for w in widths
+            GroupBranch(end - start, h, h)
+            for (start, end), h in zip(self.slices, hidden, strict=True)
         )
-        self.fusion = nn.Linear(sum(branch_width(w) for w in widths), embedding_dim)
+        self.fusion = nn.Linear(sum(hidden), embedding_dim)
         self.norm = nn.LayerNorm(embedding_dim, elementwise_affine=False)
 
     def embed(self, z: Tensor) -> Tensor:
@@ -170,6 +179,7 @@ class MultiGroupAutoencoder(nn.Module):
         n_items: width of the item-set decoder's output (0: no item-set reconstruction).
         item_weight: weight of the item-set loss, in units of one (normalised) group.
         item_loss_scale: divisor of the item-set loss, e.g. :func:`null_item_loss`.
+        max_branch_width: widest hidden layer of the group encoders and decoders.
     """
 
     feature_group: Tensor
@@ -188,6 +198,7 @@ class MultiGroupAutoencoder(nn.Module):
         n_items: int = 0,
         item_weight: float = 1.0,
         item_loss_scale: float = 1.0,
+        max_branch_width: int = MAX_BRANCH_WIDTH,
     ) -> None:
         super().__init__()
         if not groups:
@@ -200,9 +211,13 @@ class MultiGroupAutoencoder(nn.Module):
         self.group_dropout = group_dropout
         mean_t = torch.zeros(input_dim) if mean is None else torch.as_tensor(mean)
         std_t = torch.ones(input_dim) if std is None else torch.as_tensor(std)
-        self.encoder = UserEncoder(groups, input_dim, embedding_dim, mean_t, std_t)
+        self.encoder = UserEncoder(
+            groups, input_dim, embedding_dim, mean_t, std_t, max_branch_width
+        )
         self.decoders = nn.ModuleList(
-            GroupBranch(embedding_dim, branch_width(g.end - g.start), g.end - g.start)
+            GroupBranch(
+                embedding_dim, branch_width(g.end - g.start, max_branch_width), g.end - g.start
+            )
             for g in groups
         )
         feature_group = torch.empty(input_dim, dtype=torch.long)
@@ -230,6 +245,7 @@ class MultiGroupAutoencoder(nn.Module):
         n_items: int = 0,
         item_weight: float = 1.0,
         item_loss_scale: float = 1.0,
+        max_branch_width: int = MAX_BRANCH_WIDTH,
     ) -> MultiGroupAutoencoder:
         return cls(
             schema.groups,
@@ -242,6 +258,7 @@ class MultiGroupAutoencoder(nn.Module):
             n_items=n_items,
             item_weight=item_weight,
             item_loss_scale=item_loss_scale,
+            max_branch_width=max_branch_width,
         )
 
     @property

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from encoder_service.features.schema import FeatureSchema
 from encoder_service.training import distributed, ensemble
 from encoder_service.training.model import (
+    MAX_BRANCH_WIDTH,
     MultiGroupAutoencoder,
     null_group_losses,
     null_item_loss,
@@ -31,6 +32,10 @@ from encoder_service.training.model import (
 )
 
 logger = logging.getLogger(__name__)
+
+ItemSetTarget = Literal["presence", "weight"]
+"""What the item-set reconstruction predicts: which items a user had events on, or also each
+item's mean event weight (see ``pipeline.interaction_matrix``)."""
 
 EVAL_BATCH_SIZE = 8192
 """Rows per forward pass when scoring the validation set; only bounds memory."""
@@ -48,7 +53,9 @@ class TrainConfig:
     ``normalise_group_losses`` divides each group's loss by its constant-predictor loss (see
     :mod:`encoder_service.training.model`); ``item_weight`` weighs the item-set reconstruction
     (in units of one normalised group; 0 turns it off), over at most ``max_items`` of the most
-    interacted items. ``ensemble_size`` > 1 trains that many autoencoders from seeds derived
+    interacted items, and ``item_set_target`` says what it predicts (:data:`ItemSetTarget`).
+    ``max_branch_width`` caps the hidden width of each feature group's branches.
+    ``ensemble_size`` > 1 trains that many autoencoders from seeds derived
     from ``seed`` and distils their aligned mean embedding into one encoder (see
     :mod:`encoder_service.training.ensemble`): about ``ensemble_size`` times the training time,
     the same serving cost.
@@ -67,6 +74,8 @@ class TrainConfig:
     normalise_group_losses: bool = True
     item_weight: float = 30.0
     max_items: int = 20_000
+    item_set_target: ItemSetTarget = "presence"
+    max_branch_width: int = MAX_BRANCH_WIDTH
     ensemble_size: int = 1
 
 
@@ -299,6 +308,7 @@ def _fit(
             if train.items is not None and config.normalise_group_losses
             else 1.0
         ),
+        max_branch_width=config.max_branch_width,
     ).to(world.device)
     step = world.loss_fn(model)
     train, val = train.to(world.device), val.shard(world).to(world.device)

@@ -234,3 +234,18 @@ def test_item_targets_are_checked_and_capped(features: np.ndarray) -> None:
         train_autoencoder(features, SCHEMA, config, items=items[:10], progress=False)
     with pytest.raises(ValueError, match="non-negative"):
         train_autoencoder(features, SCHEMA, config, items=-items, progress=False)
+
+
+def test_max_branch_width_caps_every_branch_of_wider_groups(features: np.ndarray) -> None:
+    widths = [g.end - g.start for g in SCHEMA.groups]
+    cap = max(16, max(widths) - 1)
+    assert any(w > cap for w in widths), "the schema needs a group wider than the cap"
+    model = _model(features, max_branch_width=cap)
+    hidden = [branch.net[0].out_features for branch in model.encoder.branches]
+    assert hidden == [min(cap, max(16, w)) for w in widths]
+    assert model.encoder.fusion.in_features == sum(hidden)
+    assert [d.net[0].out_features for d in model.decoders] == hidden
+    # The default leaves every group of this schema at its own width (within [16, 128]).
+    assert [b.net[0].out_features for b in _model(features).encoder.branches] == [
+        min(128, max(16, w)) for w in widths
+    ]
