@@ -69,7 +69,7 @@ def populate(client: redis.Redis) -> None:
         {
             f"meta:{{{u}}}": encode_meta(1.7e9 + i, {"events:{0}": f"{i}-0"})
             for i, u in enumerate(with_state[:80])
-        }
+        },
     )
     Registry(client).set_alignment(
         "v2", "v1", {"meta": b'{"kind":"ridge"}', "weight": rng.bytes(1024), "bias": rng.bytes(64)}

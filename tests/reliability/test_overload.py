@@ -44,9 +44,7 @@ async def test_requests_past_the_limit_are_shed_and_probes_still_answer(
 
         async def one(i: int) -> tuple[httpx.Response, float]:
             if i % 3 == 2:
-                response = await client.post(
-                    "/v1/embeddings:batch", json={"user_ids": users[:5]}
-                )
+                response = await client.post("/v1/embeddings:batch", json={"user_ids": users[:5]})
             else:
                 response = await client.get(f"/v1/users/{users[i]}/embedding")
             return response, time.monotonic() - paused_at

@@ -214,9 +214,7 @@ def test_item_set_reconstruction_trains_and_is_reported(features: np.ndarray) ->
     config = TrainConfig(
         embedding_dim=16, epochs=6, batch_size=64, seed=7, num_threads=1, item_weight=5.0
     )
-    result = train_autoencoder(
-        features, SCHEMA, config, items=sp.csr_matrix(dense), progress=False
-    )
+    result = train_autoencoder(features, SCHEMA, config, items=sp.csr_matrix(dense), progress=False)
     history = result.history
     assert "items" in history[0]["val_loss_per_group"]
     assert history[-1]["val_loss_per_group"]["items"] < history[0]["val_loss_per_group"]["items"]
