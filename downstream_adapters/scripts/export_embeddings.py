@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pandas as pd
@@ -27,7 +28,7 @@ from encoder_service.encoder import Encoder
 from encoder_service.features.build import build_states
 from encoder_service.features.popularity import POPULARITY_BINS
 from encoder_service.training.pipeline import train_version
-from encoder_service.training.train import TrainConfig
+from encoder_service.training.train import ItemSetTarget, TrainConfig
 
 LABEL_FIELDS = ["gender", "age", "occupation"]
 # The evaluation version's encoder: wider item vectors and a heavier item-set weight than the
@@ -167,7 +168,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--item-set-target",
-        choices=["presence", "weight"],
+        choices=get_args(ItemSetTarget),
         default=ITEM_SET_TARGET,
         help="what the item-set reconstruction predicts",
     )

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pandas as pd
@@ -124,7 +124,7 @@ def interaction_matrix(
     rather than a sum, so repeat views do not let one item dominate a user's row. With implicit
     feedback, every weight 1, the two agree.
     """
-    if target not in ("presence", "weight"):
+    if target not in get_args(ItemSetTarget):
         raise ValueError(f"item-set target must be 'presence' or 'weight', not {target!r}")
     users = pd.Index(list(user_ids))
     items = pd.Index(dataset.items["item_id"].astype(str))
